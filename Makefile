@@ -1,0 +1,37 @@
+# One-command entry points. `make demo` and `make test` set up .venv first when it is missing or stale.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+ARTIFACTS ?= artifacts
+TINY   := $(ARTIFACTS)/tiny-checkpoint
+CHECKPOINT ?= $(TINY)
+TEXT   ?= Hello! [laugh] This is Fish S2 streaming from Triton.
+
+.PHONY: setup test demo tiny parity clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+parity: setup
+	$(PY) -m fish_s2.parity ../shared/golden/public
+
+$(TINY)/config.json: | setup
+	$(PY) export/make_tiny_checkpoint.py $(TINY)
+
+tiny: $(TINY)/config.json
+
+demo: setup tiny
+	$(PY) -m fish_s2 synthesize --checkpoint $(CHECKPOINT) --text "$(TEXT)" -o demo.wav --max-frames 200
+
+clean:
+	rm -rf $(ARTIFACTS) demo.wav

@@ -1,0 +1,151 @@
+"""Transformer building blocks shared by the slow AR, the fast AR and the codec transformers.
+
+Numerics follow upstream fish-speech exactly: RMSNorm casts back to the input dtype *before* the
+weight multiply, RoPE is interleaved (GPT-J pairs) with a bf16-rounded cos/sin table applied in
+fp32, and attention is plain scaled dot product with an explicit boolean mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope_table(n_pos: int, head_dim: int, base: float) -> Tensor:
+    """cos/sin table [n_pos, head_dim/2, 2] rounded to bf16 (as upstream), stored as fp32.
+
+    Upstream computes the rotation in fp32 against a bf16 table even in fp32 models; fp32 tables
+    change logits by ~3e-2 on the golden set, so the rounding is part of the model.
+    """
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    cis = torch.polar(torch.ones(n_pos, freqs.numel()), torch.outer(torch.arange(n_pos).float(), freqs))
+    return torch.stack([cis.real, cis.imag], dim=-1).to(torch.bfloat16).float()
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """x [B, T, H, D]; table [B or 1, T, D/2, 2] (already gathered at the token positions)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    t = table.unsqueeze(2)
+    x0, x1 = xs[..., 0], xs[..., 1]
+    c, s = t[..., 0], t[..., 1]
+    out = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask bool [B|1, 1, T, S] (True = attend) or None = causal.
+
+    KV heads are repeated for grouped-query attention (kv head j serves q heads j*g..j*g+g-1).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def position_mask(input_pos: Tensor, kv_len: int) -> Tensor:
+    """Boolean mask [B, 1, T, kv_len]: the token at position p sees cache entries 0..p."""
+    keys = torch.arange(kv_len, device=input_pos.device)
+    return (keys[None, None, None, :] <= input_pos[:, None, :, None])
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: [n_slots, n_kv_heads, max_len, head_dim].
+
+    A batch row b of a forward call uses slot ``slots.start + b``; the caller keeps the rows it
+    decodes together in consecutive slots so that the cache is read through a view, not a gather.
+    """
+
+    def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (n_slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, slots: slice, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+        """Store k/v [B, H, T, D] at per-row positions input_pos [B, T]; return the first kv_len entries."""
+        kc, vc = self.k[slots], self.v[slots]
+        idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        kc.scatter_(2, idx, k.to(kc.dtype))
+        vc.scatter_(2, idx, v.to(vc.dtype))
+        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, *,
+                 qk_norm: bool = False, eps: float = 1e-6, qkv_bias: bool = False, o_bias: bool = False):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_head * head_dim, dim, bias=o_bias)
+        if qk_norm:
+            # upstream uses torch.nn.RMSNorm here (not the cast-first RMSNorm above)
+            self.q_norm = nn.RMSNorm(head_dim, eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps)
+        self.qk_norm = qk_norm
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None = None,
+                slots: slice = slice(None), kv_len: int | None = None) -> Tensor:
+        B, T, _ = x.shape
+        qs, kvs = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([qs, kvs, kvs], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.write(slots, input_pos, k, v, kv_len)
+        y = attention(q, k.to(q.dtype), v.to(q.dtype), mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, qs))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, head_dim: int, hidden: int, eps: float, *,
+                 qk_norm: bool = False, qkv_bias: bool = False, o_bias: bool = False):
+        super().__init__()
+        self.attention = Attention(dim, n_head, n_kv_head, head_dim, qk_norm=qk_norm, eps=eps,
+                                   qkv_bias=qkv_bias, o_bias=o_bias)
+        self.feed_forward = FeedForward(dim, hidden)
+        self.attention_norm = RMSNorm(dim, eps)
+        self.ffn_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None = None,
+                slots: slice = slice(None), kv_len: int | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))

@@ -1,0 +1,132 @@
+"""Upstream S2 sampling, batched over rows with per-row parameters.
+
+``logits_to_probs`` keeps upstream semantics: top-k and top-p are decided on the *untempered*
+distribution, the token whose cumulative probability crosses top_p is itself removed (no shift),
+rank 0 always survives, and temperature is applied to the survivors. A draw is
+``argmax(probs / -log(u))`` (exponential race == multinomial). Greedy is top_k == 1, which is what
+temperature == 0 maps to.
+
+The uniforms come from a counter-based generator (splitmix64 of ``key + (draw << 32 | index)``):
+each request owns a key derived from its seed, the noise of a draw depends only on (key, draw
+number, token index), so a request's samples do not depend on what else is in the batch, need no
+host round trip and can be replayed -- key 0 reproduces the golden set's recorded noise stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RAS_WINDOW = 10       # repetition-aware sampling looks at the last 10 main tokens ...
+RAS_TEMPERATURE = 1.0  # ... and resamples a repeat with these parameters
+RAS_TOP_P = 0.9
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_GOLDEN, _M1, _M2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: Tensor) -> Tensor:
+    """splitmix64 finaliser on int64 tensors (two's-complement wraparound == arithmetic mod 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def seed_to_key(seed: int) -> int:
+    """A request's noise key: splitmix64(seed) as a signed int64 (seed is taken mod 2^64)."""
+    return int(splitmix64(torch.tensor([_signed(seed)], dtype=torch.long))[0])
+
+
+def uniform_noise(key: Tensor, draw: Tensor, ids: Tensor) -> Tensor:
+    """u in (0, 1), float32 [B, N] for rows with keys [B] at draw numbers [B] and element ids [N]."""
+    x = key[:, None] + ((draw[:, None] << 32) | ids[None, :])
+    return (_shr(splitmix64(x), 41).float() + 0.5) / float(1 << 23)
+
+
+def logits_to_probs(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
+    """logits [B, V]; temperature/top_p [B] (cast to the logits dtype, as upstream); top_k [B] ints."""
+    temperature, top_p = temperature.to(logits.dtype), top_p.to(logits.dtype)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    rank = torch.arange(logits.shape[-1], device=logits.device)
+    remove = (cum > top_p[:, None]) | (rank[None, :] >= top_k[:, None])
+    remove[:, 0] = False
+    remove = torch.empty_like(remove).scatter_(-1, order, remove)
+    logits = logits.masked_fill(remove, float("-inf"))
+    return F.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+
+
+def race(probs: Tensor, u: Tensor) -> Tensor:
+    """Index of argmax(probs / -log(u)) per row."""
+    return torch.argmax(probs.float() / -torch.log(u), dim=-1)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters (defaults: upstream server / WebUI)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.8
+    top_k: int = 30
+    seed: int = 0
+
+    def validate(self) -> "SamplingParams":
+        if not (0.0 <= self.temperature <= 2.0):
+            raise ValueError(f"temperature: must be in [0, 2], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not (1 <= self.top_k):
+            raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
+        if not (-(1 << 63) <= self.seed < (1 << 64)):
+            raise ValueError(f"seed: must fit in 64 bits, got {self.seed}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class BatchSampling:
+    """Sampling state of B rows as tensors, so one decode step samples every row at once."""
+
+    temperature: Tensor  # [B] float32
+    top_p: Tensor        # [B] float32
+    top_k: Tensor        # [B] int64 (1 where greedy)
+    key: Tensor          # [B] int64 noise keys
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu",
+           keys: list[int] | None = None) -> "BatchSampling":
+        keys = [seed_to_key(p.seed) for p in params] if keys is None else keys
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+            top_k=torch.tensor([1 if p.greedy else p.top_k for p in params], dtype=torch.long, device=device),
+            key=torch.tensor(keys, dtype=torch.long, device=device),
+        )
+
+    def sample(self, logits: Tensor, ids: Tensor, draw: Tensor, temperature: Tensor | None = None,
+               top_p: Tensor | None = None) -> Tensor:
+        """Sample one column index per row of logits [B, V]; ``ids`` [V] are the element indices that
+        key the noise (token ids for the main token, codes for residual codebooks)."""
+        t = self.temperature if temperature is None else temperature
+        p = self.top_p if top_p is None else top_p
+        probs = logits_to_probs(logits, t, p, self.top_k)
+        return race(probs, uniform_noise(self.key, draw, ids))

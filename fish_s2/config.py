@@ -136,3 +136,17 @@ class DualARConfig:
         return {"model_type": "fish_qwen3_omni", "dtype": self.dtype, "eos_token_id": self.eos_id,
                 "pad_token_id": self.pad_id, "semantic_start_token_id": self.semantic_begin_id,
                 "semantic_end_token_id": self.semantic_end_id, "text_config": text, "audio_decoder_config": audio}
+
+
+# Upstream S2-Pro config.json (HF fishaudio/s2-pro, spec sections 1.1 and 2.1), for work without a
+# checkpoint: the GPU benchmark's random weights. With a checkpoint, its own config.json is used.
+S2_PRO_CONFIG_JSON = {
+    "model_type": "fish_qwen3_omni", "dtype": "bfloat16", "eos_token_id": 151645, "pad_token_id": 151669,
+    "semantic_start_token_id": 151678, "semantic_end_token_id": 155773,
+    "text_config": {"model_type": "fish_qwen3", "dim": 2560, "n_layer": 36, "n_head": 32, "n_local_heads": 8,
+                    "head_dim": 128, "intermediate_size": 9728, "vocab_size": 155776, "rope_base": 1000000,
+                    "norm_eps": 1e-6, "max_seq_len": 32768, "attention_qk_norm": True, "tie_word_embeddings": True},
+    "audio_decoder_config": {"model_type": "fish_qwen3_audio_decoder", "dim": 2560, "n_layer": 4, "n_head": 32,
+                             "n_local_heads": 8, "head_dim": 128, "intermediate_size": 9728, "vocab_size": 4096,
+                             "num_codebooks": 10, "text_dim": 2560, "attention_qk_norm": False},
+}

@@ -143,20 +143,23 @@ class Engine:
         self.device, self.dtype = w.device, w.dtype
         self.model_tag = f"{model.cfg}:{self.dtype}"
         B, rows = config.max_active, model.cfg.frame_rows
-        model.setup_caches(B, config.max_seq_len)
+        model.slow.setup_cache(B, config.max_seq_len)
+        model.fast.setup_cache(B + 1)  # row B: scratch row where a new request's first frame is made
         self.audio_ids = model.slow.audio_token_ids()
         z = lambda *s, dt=torch.long: torch.zeros(*s, dtype=dt, device=self.device)  # noqa: E731
-        # per-row decode state, rows == KV slots, active rows are 0..n-1 (static buffers for CUDA graphs)
-        self.cur, self.pos, self.frame_idx = z(B, rows), z(B), z(B)
-        self.window = z(B, RAS_WINDOW)
-        self.temperature, self.top_p = z(B, dt=torch.float32), z(B, dt=torch.float32)
-        self.top_k, self.key = z(B), z(B)
+        # per-row decode state, rows == KV slots, active rows are 0..n-1, row B = scratch (static buffers
+        # for CUDA graphs)
+        self.cur, self.pos, self.frame_idx = z(B + 1, rows), z(B + 1), z(B + 1)
+        self.window = z(B + 1, RAS_WINDOW)
+        self.temperature, self.top_p = z(B + 1, dt=torch.float32), z(B + 1, dt=torch.float32)
+        self.top_k, self.key = z(B + 1), z(B + 1)
+        self.scratch_hidden = z(1, model.cfg.slow.dim, dt=self.dtype)
         self.rows: list[_Row] = []
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self.frames_generated = 0
         self.use_graphs = config.cuda_graphs and self.device.type == "cuda"
         self.graph_sizes = tuple(s for s in config.graph_batch_sizes if s < B) + (B,)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_pool = None
         self._queue: deque[tuple[EngineRequest, Callable[[Event], None], float]] = deque()
         self._cancelled: set[str] = set()
@@ -256,16 +259,22 @@ class Engine:
             return
         n = len(self.rows)
         try:
-            with torch.inference_mode():
-                frames = self._decode(n)
-                self._advance(n, frames)
-            host = frames.cpu()
+            host = self.decode_step().cpu()
         except Exception as e:  # a failed step fails the requests in it, the engine keeps serving
             log.exception("decode step failed")
             self._abort_all("error", f"decode step failed: {e}")
             return
         for r in reversed(range(n)):
             self._on_frame(r, host[r])
+
+    @torch.inference_mode()
+    def decode_step(self) -> Tensor:
+        """One batched frame for every active request; advances their state and returns the frames
+        [n, num_codebooks + 1] on the device (``step`` turns them into events)."""
+        n = len(self.rows)
+        frames = self._decode(n)
+        self._advance(n, frames)
+        return frames
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -341,8 +350,28 @@ class Engine:
                     layer.attention.kv_cache.v[r, :, :P] = kv[i, 1]
             start = P
         hidden = slow(prompt[None, :, start:], torch.arange(start, T, device=self.device)[None], sl, T)[:, -1]
+        return self._first_frame(r, hidden)
+
+    def _first_frame(self, r: int, hidden: Tensor) -> Tensor:
+        """A new request's first frame (no repetition window yet), made in the scratch row so that on
+        CUDA it is one graph replay whatever slot the request got."""
+        s = self.cfg.max_active
+        for buf in (self.temperature, self.top_p, self.top_k, self.key):
+            buf[s] = buf[r]
+        self.frame_idx[s] = 0
+        self.scratch_hidden.copy_(hidden)
+        if not self.use_graphs:
+            return self._first_frame_body()
+        if "first" not in self._graphs:
+            self._capture("first", self._first_frame_body)
+        graph, out = self._graphs["first"]
+        graph.replay()
+        return out
+
+    def _first_frame_body(self) -> Tensor:
+        sl = slice(self.cfg.max_active, self.cfg.max_active + 1)
         sampling = BatchSampling(self.temperature[sl], self.top_p[sl], self.top_k[sl], self.key[sl])
-        return decode_frame(self.model, hidden, sampling, self.frame_idx[sl], None, self.audio_ids, sl)[0]
+        return decode_frame(self.model, self.scratch_hidden, sampling, self.frame_idx[sl], None, self.audio_ids, sl)[0]
 
     # ------------------------------------------------------------------ decode
 
@@ -360,27 +389,50 @@ class Engine:
         nb = _bucket(n, self.graph_sizes)
         kb = min(self.cfg.max_seq_len, max(self.cfg.min_kv_bucket, 1 << (kv_len - 1).bit_length()))
         if (nb, kb) not in self._graphs:
-            self._capture(nb, kb)
+            self.pos[len(self.rows):nb] = 0  # padding rows: free slots, write KV at their position 0 only
+            self._capture((nb, kb), lambda: self._step_body(nb, kb))
         graph, out = self._graphs[(nb, kb)]
         graph.replay()
         return out[:n]
 
-    def _capture(self, nb: int, kb: int) -> None:
-        # Padding rows n..nb-1 are free slots: they write KV at their own position 0 only, and the
-        # active rows rewrite the same values on every run, so warm-up and capture are harmless.
-        self.pos[len(self.rows):nb] = 0
+    def capture_graphs(self, max_batch: int, max_kv: int) -> int:
+        """Capture the decode graphs for every bucket up to (max_batch, max_kv) now, so that no request
+        pays for a capture later (call when idle, e.g. at server start). Returns the number captured."""
+        if not self.use_graphs:
+            return 0
+        kvs, kb = [], self.cfg.min_kv_bucket
+        while True:
+            kvs.append(min(kb, self.cfg.max_seq_len))
+            if kb >= min(max_kv, self.cfg.max_seq_len):
+                break
+            kb *= 2
+        with torch.inference_mode():
+            if "first" not in self._graphs:
+                self._capture("first", self._first_frame_body)
+            for nb in (s for s in self.graph_sizes if s <= _bucket(min(max_batch, self.cfg.max_active), self.graph_sizes)):
+                for kv in kvs:
+                    if (nb, kv) not in self._graphs:
+                        self.pos[len(self.rows):nb] = 0
+                        self._capture((nb, kv), lambda: self._step_body(nb, kv))
+        return len(self._graphs)
+
+    def _capture(self, key: object, body: Callable[[], Tensor]) -> None:
+        """Warm up on a side stream, then capture ``body`` into a graph sharing one memory pool.
+
+        Running a body more than once is harmless: active rows rewrite the same KV entries and the
+        other state is only advanced outside the body."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step_body(nb, kb)
+                body()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._step_body(nb, kb)
-        self._graphs[(nb, kb)] = (graph, out)
+            out = body()
+        self._graphs[key] = (graph, out)
 
     def _advance(self, n: int, frames: Tensor) -> None:
         self.cur[:n] = frames
@@ -437,6 +489,7 @@ class Engine:
                 buf[r] = buf[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()
+        self.pos[last] = 0  # a free row may still be computed as CUDA-graph padding: keep its writes in range
 
 
 def collect(handle: RequestHandle) -> tuple[list[CodeChunk], Finished]:

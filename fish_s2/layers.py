@@ -48,15 +48,21 @@ def apply_rope(x: Tensor, table: Tensor) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask bool [B|1, 1, T, S] (True = attend) or None = causal.
 
-    KV heads are repeated for grouped-query attention (kv head j serves q heads j*g..j*g+g-1).
+    Grouped-query attention without copying K/V: the g query heads that share kv head j (heads
+    j*g..j*g+g-1) are folded into the query-length axis, so every KV entry is read once.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    if g == 1:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        S = k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, g * T, D), k, v, attn_mask=mask.repeat(1, 1, g, 1))
+    return y.reshape(B, Hq, T, D)
 
 
 def position_mask(input_pos: Tensor, kv_len: int) -> Tensor:

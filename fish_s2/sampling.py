@@ -54,8 +54,9 @@ def seed_to_key(seed: int) -> int:
 
 
 def uniform_noise(key: Tensor, draw: Tensor, ids: Tensor) -> Tensor:
-    """u in (0, 1), float32 [B, N] for rows with keys [B] at draw numbers [B] and element ids [N]."""
-    x = key[:, None] + ((draw[:, None] << 32) | ids[None, :])
+    """u in (0, 1), float32, for rows with keys [B] at draw numbers [B] (-> [B, N]) or [B, K] (-> [B, K, N])
+    and element ids [N]."""
+    x = key.view(-1, *([1] * draw.dim())) + ((draw[..., None] << 32) | ids)
     return (_shr(splitmix64(x), 41).float() + 0.5) / float(1 << 23)
 
 
@@ -123,10 +124,11 @@ class BatchSampling:
         )
 
     def sample(self, logits: Tensor, ids: Tensor, draw: Tensor, temperature: Tensor | None = None,
-               top_p: Tensor | None = None) -> Tensor:
-        """Sample one column index per row of logits [B, V]; ``ids`` [V] are the element indices that
-        key the noise (token ids for the main token, codes for residual codebooks)."""
+               top_p: Tensor | None = None, u: Tensor | None = None) -> Tensor:
+        """Sample one column index per row of logits [B, V]. ``ids`` [V] are the element indices that key the
+        noise (token ids for the main token, codes for residual codebooks); ``u`` [B, V] is that noise if
+        the caller drew it already (several draws at once cost fewer kernels)."""
         t = self.temperature if temperature is None else temperature
         p = self.top_p if top_p is None else top_p
         probs = logits_to_probs(logits, t, p, self.top_k)
-        return race(probs, uniform_noise(self.key, draw, ids))
+        return race(probs, uniform_noise(self.key, draw, ids) if u is None else u)

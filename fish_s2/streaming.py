@@ -61,7 +61,7 @@ class Chunker:
         chunk = CodeChunk(self.index, torch.stack(take, dim=1), context)
         self.index += 1
         self.pending = 0
-        self.frames = self.frames[len(self.frames) - self.plan.context_frames:] if self.plan.context_frames else []
+        self.frames = self.frames[max(0, len(self.frames) - self.plan.context_frames):]
         return chunk
 
     def push(self, codes: Tensor) -> CodeChunk | None:

@@ -1,0 +1,181 @@
+"""CPU benchmark of the batched engine against the plain single-request generator.
+
+For each preset (tiny; small = dim 512, 8 slow layers, 2 fast layers), on the same random weights:
+  * throughput: frames/s and audio-seconds/s of codes at concurrency 1, 4, 16, next to the
+    reference `generate` run one request at a time (codec decode excluded: this measures the
+    Dual-AR engine);
+  * time to first audio (submit -> first chunk decoded by the codec) for a 10 s reference voice,
+    cold (prefix-cache miss) and cached (hit).
+Warm-up runs are not timed. Prints a JSON object as its last line and writes JSON + a markdown
+table under perf/results/.
+
+    python perf/bench_engine.py [--presets tiny,small] [--concurrency 1,4,16] [--frames 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fish_s2.checkpoint import S2Checkpoint
+from fish_s2.engine import ChunkEvent, Engine, EngineConfig, EngineRequest
+from fish_s2.generate import generate
+from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.sampling import SamplingParams
+from fish_s2.streaming import decode_chunks
+from fish_s2.tiny import write_tiny_checkpoint
+
+TEXTS = ["Hello! This is Fish S2 streaming from Triton.", "[whisper] The quick brown fox jumps over the lazy dog.",
+         "Please call Stella and ask her to bring these things.", "It was the best of times, it was the worst."]
+
+
+def _prompt(b: PromptBuilder, refs: list[Reference], text: str) -> tuple[torch.Tensor, int]:
+    system = b.system(refs)
+    return torch.cat([system, b.user(text), b.assistant_start()], dim=1), system.shape[1]
+
+
+def _drive(engine: Engine, reqs: list[EngineRequest]) -> tuple[float, int]:
+    """Submit all, step until done; (seconds, frames)."""
+    frames = [0]
+
+    def sink(ev):
+        if isinstance(ev, ChunkEvent):
+            frames[0] += ev.chunk.n_frames
+
+    t = time.perf_counter()
+    for r in reqs:
+        engine.submit(r, sink)
+    while engine.rows or engine.stats()["queued"]:
+        engine.step()
+    return time.perf_counter() - t, frames[0]
+
+
+def throughput(ck: S2Checkpoint, concurrency: list[int], n_frames: int, repeats: int) -> dict:
+    b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
+    audio_per_frame = ck.codec.frame_length / ck.codec.sample_rate
+    engine = Engine(ck.model, EngineConfig(max_active=max(concurrency), max_queued=4 * max(concurrency),
+                                           max_prompt_tokens=512, max_frames=n_frames))
+    # random weights may end a request early (<|im_end|>): rates use the frames actually produced
+    def reqs(c: int, tag: int) -> list[EngineRequest]:
+        return [EngineRequest(_prompt(b, [], TEXTS[i % len(TEXTS)])[0], SamplingParams(seed=1000 * tag + i),
+                              max_frames=n_frames) for i in range(c)]
+
+    _drive(engine, reqs(max(concurrency), 0))  # warm-up
+    rows = {}
+    for c in concurrency:
+        runs = [_drive(engine, reqs(c, 1 + k)) for k in range(repeats)]
+        secs, frames = sum(r[0] for r in runs), sum(r[1] for r in runs)
+        rows[f"engine_c{c}"] = {"concurrency": c, "seconds": secs, "frames": frames, "frames_per_s": frames / secs,
+                                "audio_s_per_s": frames * audio_per_frame / secs}
+    # the plain reference generator, one request at a time (what upstream's CLI does)
+    prompts = [_prompt(b, [], TEXTS[i % len(TEXTS)])[0] for i in range(max(2, repeats))]
+    generate(ck.model, prompts[0], 4, SamplingParams())  # warm-up
+    t, frames = time.perf_counter(), 0
+    for i, p in enumerate(prompts):
+        frames += generate(ck.model, p, n_frames, SamplingParams(seed=i)).frames.shape[1]
+    secs = time.perf_counter() - t
+    rows["reference_generate"] = {"concurrency": 1, "seconds": secs, "frames": frames, "frames_per_s": frames / secs,
+                                  "audio_s_per_s": frames * audio_per_frame / secs}
+    base = rows["engine_c1"]["audio_s_per_s"]
+    for r in rows.values():
+        r["vs_engine_c1"] = r["audio_s_per_s"] / base
+    return rows
+
+
+def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int) -> dict:
+    """Median submit -> first chunk decoded, for fresh voices (cold) and a registered one (cached)."""
+    b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
+    n_ref = round(reference_seconds * ck.codec.sample_rate / ck.codec.frame_length)
+    engine = Engine(ck.model, EngineConfig(max_active=4, max_prompt_tokens=n_ref + 256, max_frames=64))
+    g = torch.Generator().manual_seed(0)
+
+    def voice() -> list[Reference]:
+        codes = torch.cat([torch.randint(0, 4096, (1, n_ref), generator=g), torch.randint(0, 1024, (9, n_ref), generator=g)])
+        return [Reference("This is the reference recording of about ten seconds of speech.", codes)]
+
+    def once(refs) -> float:
+        prompt, p = _prompt(b, refs, TEXTS[0])
+        first = []
+        t = time.perf_counter()
+        engine.submit(EngineRequest(prompt, SamplingParams(seed=0), max_frames=engine.cfg.chunk_plan.first_frames,
+                                    prefix_len=p), lambda ev: first.append(ev) if isinstance(ev, ChunkEvent) else None)
+        while not first:
+            engine.step()
+        decode_chunks(ck.codec, [first[0].chunk])
+        dt = time.perf_counter() - t
+        while engine.rows:
+            engine.step()
+        return dt
+
+    once(voice())  # warm-up (shapes, allocator)
+    cold = [once(voice()) for _ in range(repeats)]
+    cached_voice = voice()
+    once(cached_voice)
+    cached = [once(cached_voice) for _ in range(repeats)]
+    c, h = statistics.median(cold), statistics.median(cached)
+    return {"reference_seconds": reference_seconds, "reference_frames": n_ref,
+            "first_chunk_frames": engine.cfg.chunk_plan.first_frames, "cold_s": c, "cached_s": h,
+            "cached_over_cold": h / c, "prefix_cache": engine.prefix_cache.stats()}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Engine benchmark (CPU)\n", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}\n",
+             "| preset | runner | concurrency | frames/s | audio-s/s | vs engine c=1 |", "|---|---|---|---|---|---|"]
+    for preset, r in result["presets"].items():
+        for name, row in r["throughput"].items():
+            runner = "reference generate" if name == "reference_generate" else "engine"
+            lines.append(f"| {preset} | {runner} | {row['concurrency']} | {row['frames_per_s']:.1f} | "
+                         f"{row['audio_s_per_s']:.2f} | {row['vs_engine_c1']:.2f}x |")
+    lines += ["", "| preset | reference | first chunk | TTFA cold | TTFA cached | cached/cold |", "|---|---|---|---|---|---|"]
+    for preset, r in result["presets"].items():
+        t = r["ttfa"]
+        lines.append(f"| {preset} | {t['reference_seconds']:.0f} s ({t['reference_frames']} frames) | "
+                     f"{t['first_chunk_frames']} frames | {1000 * t['cold_s']:.0f} ms | {1000 * t['cached_s']:.0f} ms | "
+                     f"{t['cached_over_cold']:.2f} |")
+    lines.append("\nAudio-seconds are seconds of generated codes (frames x 2048 / 44100); codec decode is excluded "
+                 "from throughput and included in time to first audio. Ratios compare runs made side by side.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--frames", type=int, default=48, help="frame budget per request")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--reference-seconds", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    result = {"command": "python perf/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                         f"torch {torch.__version__}",
+              "presets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            ck = S2Checkpoint.load(write_tiny_checkpoint(Path(tmp) / preset, preset=preset, seed=0))
+            with torch.inference_mode():
+                result["presets"][preset] = {"throughput": throughput(ck, conc, args.frames, args.repeats),
+                                             "ttfa": time_to_first_audio(ck, args.reference_seconds, 3)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_engine_cpu.json").write_text(json.dumps(result, indent=2))
+    (out / "bench_engine_cpu.md").write_text(markdown(result))
+    print(markdown(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The batched engine: equal to the reference generator, batch invariant, cancellable, cached, bounded."""
+
+import threading
+
+import pytest
+import torch
+
+from fish_s2.engine import (ChunkEvent, Engine, EngineBusy, EngineConfig, EngineRequest, Finished, RequestError,
+                            chunks_to_codes, collect)
+from fish_s2.generate import generate
+from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.sampling import SamplingParams
+from fish_s2.streaming import ChunkPlan
+
+CFG = EngineConfig(max_active=12, max_queued=16, max_prompt_tokens=400, max_frames=48)
+
+
+def _voice(seed: int, frames: int = 20) -> list[Reference]:
+    g = torch.Generator().manual_seed(seed)
+    return [Reference("A reference sentence.", torch.randint(0, 1024, (10, frames), generator=g))]
+
+
+def _request(ck, text, params, voice=None, **kw):
+    b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
+    system = b.system(voice or [])
+    prompt = torch.cat([system, b.user(text), b.assistant_start()], dim=1)
+    return EngineRequest(prompt, params, prefix_len=system.shape[1], **kw)
+
+
+def _run(engine, reqs):
+    """Drive the engine synchronously until every request finished; return (chunks, finished) per request."""
+    handles = [engine.submit(r) for r in reqs]
+    while engine.rows or engine.stats()["queued"]:
+        engine.step()
+    return [collect(h) for h in handles]
+
+
+def _expected(ck, req, max_frames):
+    ref = generate(ck.model, req.prompt, max_frames, req.params)
+    return ref.frames[1:, :-1] if ref.stopped_on_eos else ref.frames[1:]
+
+
+@pytest.fixture()
+def engine(tiny):
+    return Engine(tiny.model, CFG)
+
+
+def test_sampled_requests_match_the_reference_generator(tiny, engine):
+    reqs = [_request(tiny, f"Sentence number {i}.", SamplingParams(temperature=0.9, top_p=0.9, seed=i),
+                     voice=_voice(i % 3), max_frames=30) for i in range(6)]
+    for req, (chunks, done) in zip(reqs, _run(engine, reqs)):
+        assert done.reason in ("stop", "length") and done.error is None
+        assert torch.equal(chunks_to_codes(chunks), _expected(tiny, req, 30))
+
+
+def test_greedy_request_is_batch_invariant(tiny, engine):
+    target = _request(tiny, "The same words every time.", SamplingParams(top_k=1), max_frames=40)
+    (alone, _), = _run(engine, [target])
+    others = [_request(tiny, f"Other text {i} with more words.", SamplingParams(seed=i), voice=_voice(i),
+                       max_frames=10 + 3 * i) for i in range(8)]
+    together = _run(engine, others[:4] + [target] + others[4:])
+    assert torch.equal(chunks_to_codes(together[4][0]), chunks_to_codes(alone))
+
+
+def test_chunks_follow_the_plan(tiny, engine):
+    plan = ChunkPlan(first_frames=4, chunk_frames=7, context_frames=5)
+    req = _request(tiny, "Chunk me.", SamplingParams(seed=3), max_frames=30, chunk_plan=plan)
+    (chunks, done), = _run(engine, [req])
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    sizes = [c.n_frames for c in chunks]
+    assert sizes[0] == min(4, done.n_frames) and all(s == 7 for s in sizes[1:-1]) and sum(sizes) == done.n_frames
+    assert [c.context for c in chunks] == [min(5, sum(sizes[:i])) for i in range(len(chunks))]
+    codes = chunks_to_codes(chunks)
+    for c in chunks[1:]:  # the context is the frames just before the chunk
+        start = sum(sizes[: c.index])
+        assert torch.equal(c.codes[:, : c.context], codes[:, start - c.context: start])
+
+
+def test_cancel_frees_the_slot(tiny):
+    engine = Engine(tiny.model, CFG).start()
+    try:
+        first = threading.Event()
+        events = []
+
+        def sink(ev):
+            events.append(ev)
+            if isinstance(ev, ChunkEvent):
+                first.set()
+
+        req = _request(tiny, "Cancel me soon.", SamplingParams(seed=1), max_frames=48,
+                       chunk_plan=ChunkPlan(first_frames=1, chunk_frames=1, context_frames=0))
+        # keep it from ending on its own before the cancel arrives
+        engine.submit(req, sink)
+        assert first.wait(30)
+        engine.cancel(req.request_id)
+        done = threading.Event()
+        engine.submit(_request(tiny, "Next one.", SamplingParams(seed=2), max_frames=5),
+                      lambda ev: done.set() if isinstance(ev, Finished) else None)
+        assert done.wait(60)
+        fin = [e for e in events if isinstance(e, Finished)]
+        assert len(fin) == 1 and fin[0].reason in ("cancelled", "stop")
+        assert engine.stats()["active"] == 0
+        # every slot is usable again
+        handles = [engine.submit(_request(tiny, f"Fill {i}.", SamplingParams(seed=i), max_frames=3))
+                   for i in range(CFG.max_active)]
+        assert all(collect(h)[1].reason in ("stop", "length") for h in handles)
+    finally:
+        engine.stop()
+
+
+def test_cancel_while_queued(tiny, engine):
+    h = engine.submit(_request(tiny, "Never started.", SamplingParams(), max_frames=5))
+    engine.cancel(h.request_id)
+    engine.step()
+    chunks, done = collect(h)
+    assert chunks == [] and done.reason == "cancelled"
+
+
+def test_polled_cancellation(tiny, engine):
+    flag = {"cancel": False}
+    req = _request(tiny, "Polled.", SamplingParams(seed=4), max_frames=40, is_cancelled=lambda: flag["cancel"])
+    h = engine.submit(req)
+    engine.step()
+    engine.step()
+    flag["cancel"] = True
+    engine.step()
+    assert collect(h)[1].reason == "cancelled" and not engine.rows
+
+
+def test_prefix_cache_is_content_keyed(tiny, engine):
+    voice = _voice(7)
+    residual_only = [Reference(voice[0].text, voice[0].codes.clone())]
+    residual_only[0].codes[5, 3] += 1  # same token ids (codebook 0), one residual code differs
+    reqs = [_request(tiny, "One.", SamplingParams(top_k=1), voice=voice, max_frames=8),
+            _request(tiny, "Two.", SamplingParams(top_k=1), voice=voice, max_frames=8),
+            _request(tiny, "Three.", SamplingParams(top_k=1), voice=residual_only, max_frames=8)]
+    results = []
+    for r in reqs:
+        results += _run(engine, [r])
+    stats = engine.prefix_cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 2, 2)
+    # a cache hit gives exactly what a full prefill gives
+    for req, (chunks, _) in zip(reqs, results):
+        assert torch.equal(chunks_to_codes(chunks), _expected(tiny, req, 8))
+
+
+def test_cached_prefill_skips_the_prefix(tiny, engine):
+    """A hit prefills only the text after the voice block, whatever the reference length."""
+    counted = []
+    hook = tiny.model.slow.register_forward_pre_hook(lambda m, a: counted.append(a[0].shape[-1]))
+    try:
+        for frames in (10, 80):
+            voice = _voice(frames, frames)
+            for text in ("First.", "Second."):
+                counted.clear()
+                _run(engine, [_request(tiny, text, SamplingParams(top_k=1), voice=voice, max_frames=1)])
+                prefill = counted[0] if text == "Second." else sum(counted[:2])
+                if text == "Second.":
+                    rest = _request(tiny, text, SamplingParams(), voice=voice)
+                    assert prefill == rest.prompt.shape[1] - rest.prefix_len
+    finally:
+        hook.remove()
+
+
+def test_prefix_cache_evicts_least_recently_used(tiny):
+    reqs = [_request(tiny, "x", SamplingParams(top_k=1), voice=_voice(100 + i, 30), max_frames=1) for i in range(4)]
+    c = tiny.config.slow
+    entry = c.n_layer * 2 * c.n_kv_head * reqs[0].prefix_len * c.head_dim * 4  # fp32 KV of one voice block
+    engine = Engine(tiny.model, EngineConfig(max_active=2, max_prompt_tokens=400, max_frames=8,
+                                             prefix_cache_bytes=int(2.5 * entry)))
+    for r in reqs[:3] + reqs[:1]:  # the 3rd evicts voice 0, so voice 0 misses again
+        _run(engine, [r])
+    s = engine.prefix_cache.stats()
+    assert (s["entries"], s["bytes"], s["hits"], s["misses"], s["evictions"]) == (2, 2 * entry, 0, 4, 2)
+
+
+def test_limits_are_immediate_errors(tiny):
+    engine = Engine(tiny.model, EngineConfig(max_active=1, max_queued=2, max_prompt_tokens=64, max_frames=16))
+    ok = _request(tiny, "ok", SamplingParams(), max_frames=4)
+    with pytest.raises(RequestError, match="max_prompt_tokens"):
+        engine.submit(_request(tiny, "word " * 80, SamplingParams()))
+    with pytest.raises(RequestError, match="max_frames"):
+        engine.submit(EngineRequest(ok.prompt, max_frames=17))
+    with pytest.raises(RequestError, match="temperature"):
+        engine.submit(EngineRequest(ok.prompt, SamplingParams(temperature=3.0)))
+    with pytest.raises(RequestError, match="prefix_len"):
+        engine.submit(EngineRequest(ok.prompt, prefix_len=ok.prompt.shape[1]))
+    with pytest.raises(RequestError, match="prompt"):
+        engine.submit(EngineRequest(ok.prompt[:5]))
+    with pytest.raises(RequestError, match="chunk_frames"):
+        engine.submit(EngineRequest(ok.prompt, chunk_plan=ChunkPlan(chunk_frames=0)))
+    engine.submit(ok)
+    engine.submit(ok)
+    with pytest.raises(EngineBusy, match="queue full"):
+        engine.submit(ok)
+
+
+def test_broken_sink_does_not_stop_the_engine(tiny, engine):
+    def sink(ev):
+        raise RuntimeError("client went away")
+
+    engine.submit(_request(tiny, "Broken.", SamplingParams(), max_frames=20,
+                           chunk_plan=ChunkPlan(first_frames=1)), sink)
+    for _ in range(5):
+        engine.step()
+    assert not engine.rows
+    (chunks, done), = _run(engine, [_request(tiny, "Fine.", SamplingParams(), max_frames=3)])
+    assert done.reason in ("stop", "length")
+
+
+def test_stop_cancels_queued_requests(tiny):
+    engine = Engine(tiny.model, CFG)
+    h = engine.submit(_request(tiny, "queued", SamplingParams()))
+    engine.stop()
+    assert collect(h)[1].reason == "cancelled"
+    with pytest.raises(EngineBusy):
+        engine.submit(_request(tiny, "late", SamplingParams()))

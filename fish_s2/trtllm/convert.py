@@ -1,0 +1,190 @@
+"""Convert an upstream S2-Pro checkpoint into the directory ``tensorrt_llm.LLM`` loads for our model.
+
+Output: ``config.json`` (:class:`~fish_s2.trtllm.hf_config.FishS2Config`, architecture
+``FishS2DualARForCausalLM``), safetensors shards with Qwen3 tensor names for the slow AR
+(``model.layers.N.self_attn.q_proj.weight`` ...), the codebook-embedding table as
+``model.codebook_embeddings.weight``, the fast AR under ``fast.`` with :class:`~fish_s2.fast_ar.FastAR`'s
+own names, and the tokenizer files.
+
+Upstream RoPE is interleaved (pairs 2i, 2i+1); Qwen3 implementations (Hugging Face, TensorRT-LLM)
+rotate NeoX half-split pairs (i, i + D/2). The converter permutes the rows of every q and k head and
+the q_norm/k_norm weights with the same permutation, so every attention score is unchanged and a NeoX
+rotation with the same (bf16-rounded) cos/sin reproduces the upstream model.
+
+Tensors are streamed: one input tensor is read (memory-mapped) at a time and output shards are
+flushed at ``max_shard_bytes``, so the real 9 GB checkpoint never has two copies in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import check_coverage, load_config, module_key, weight_files
+from ..config import DualARConfig
+from ..dual_ar import DualAR
+from .hf_config import FishS2Config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+DEFAULT_SHARD_BYTES = 4 << 30
+
+# slow-AR module names (after fish_s2.checkpoint.module_key) -> Qwen3 names; wqkv and the qk norms are special
+_LAYER_RENAMES = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
+                  "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+                  "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_TOP_RENAMES = {"slow.embeddings.weight": "model.embed_tokens.weight",
+                "slow.codebook_embeddings.weight": "model.codebook_embeddings.weight",
+                "slow.norm.weight": "model.norm.weight", "slow.output.weight": "lm_head.weight"}
+
+
+def neox_permutation(head_dim: int) -> torch.Tensor:
+    """Row order that turns an interleaved-RoPE head (pairs 2i, 2i+1) into a NeoX one (pairs i, i + D/2)."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+
+
+def _permute_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Permute the rows of each head of a q or k projection (weight [H*D, in] or bias [H*D]) or a norm [D]."""
+    perm = neox_permutation(head_dim)
+    return t.unflatten(0, (-1, head_dim))[:, perm].flatten(0, 1).contiguous()
+
+
+def convert_tensor(name: str, t: torch.Tensor, cfg: DualARConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Output tensors for one DualAR module tensor (``name`` as :func:`fish_s2.checkpoint.module_key` gives)."""
+    if name.startswith("fast."):
+        yield name, t
+        return
+    if name in _TOP_RENAMES:
+        yield _TOP_RENAMES[name], t
+        return
+    prefix, _, rest = name.partition(".layers.")
+    idx, _, leaf = rest.partition(".")
+    if prefix != "slow" or not idx.isdigit():
+        raise ValueError(f"no converter rule for tensor {name}")
+    out, s = f"model.layers.{idx}.", cfg.slow
+    if leaf.startswith("attention.wqkv."):
+        kind = leaf.rsplit(".", 1)[1]  # weight or bias
+        q, k, v = t.split([s.n_head * s.head_dim, s.n_kv_head * s.head_dim, s.n_kv_head * s.head_dim])
+        yield out + f"self_attn.q_proj.{kind}", _permute_heads(q, s.head_dim)
+        yield out + f"self_attn.k_proj.{kind}", _permute_heads(k, s.head_dim)
+        yield out + f"self_attn.v_proj.{kind}", v.contiguous()
+    elif leaf in ("attention.q_norm.weight", "attention.k_norm.weight"):
+        yield out + "self_attn." + leaf.split(".", 1)[1], _permute_heads(t, s.head_dim)
+    else:
+        module, _, kind = leaf.rpartition(".")
+        if module not in _LAYER_RENAMES:
+            raise ValueError(f"no converter rule for tensor {name}")
+        yield out + f"{_LAYER_RENAMES[module]}.{kind}", t
+
+
+class _ShardWriter:
+    """Collects output tensors and writes a safetensors shard whenever ``max_bytes`` is reached."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name in self.pending or any(name in names for _, names in self.files):
+            raise ValueError(f"duplicate output tensor {name}")
+        size = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = t
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tmp = f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(self.out_dir / tmp), metadata={"format": "pt"})
+        self.files.append((tmp, sorted(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Rename the shards to their final names and write the index; returns the shard file names."""
+        self.flush()
+        n = len(self.files)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, tensors), final in zip(self.files, names):
+            (self.out_dir / tmp).replace(self.out_dir / final)
+            weight_map.update({t: final for t in tensors})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def convert_checkpoint(checkpoint_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the TensorRT-LLM model directory for ``checkpoint_dir`` into ``out_dir`` (created); returns out_dir."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise ValueError(f"out_dir: must differ from the checkpoint directory {checkpoint_dir}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: must be >= 1, got {max_shard_bytes}")
+    cfg, _ = load_config(checkpoint_dir)
+    hf_cfg = FishS2Config.from_dual_ar(cfg)  # checks the geometry is Qwen3 before any work
+
+    # Key coverage and shapes first (metadata only), exactly as the core loader checks them.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DualAR(cfg).state_dict().items()}
+    files, found, unmapped = weight_files(checkpoint_dir), {}, []
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = module_key(key)
+                if name is None:
+                    unmapped.append(key)
+                else:
+                    found[name] = tuple(f.get_slice(key).get_shape())
+    if unmapped:
+        raise ValueError(f"{checkpoint_dir}: unexpected tensors: {sorted(unmapped)}")
+    check_coverage(expected, found, str(checkpoint_dir))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("model*.safetensors*"), *out_dir.glob("shard-*.tmp")]:
+        stale.unlink()
+    writer = _ShardWriter(out_dir, max_shard_bytes)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(f.keys()):
+                for name, t in convert_tensor(module_key(key), f.get_tensor(key), cfg):
+                    writer.add(name, t)
+    writer.finish()
+
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg.to_json_dict(), indent=2, sort_keys=True))
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            shutil.copyfile(checkpoint_dir / name, out_dir / name)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fish_s2.trtllm.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", type=Path, help="upstream S2-Pro checkpoint directory")
+    p.add_argument("out_dir", type=Path, help="directory to write (created)")
+    p.add_argument("--max-shard-gib", type=float, default=DEFAULT_SHARD_BYTES / (1 << 30))
+    args = p.parse_args(argv)
+    try:
+        out = convert_checkpoint(args.checkpoint_dir, args.out_dir, int(args.max_shard_gib * (1 << 30)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.setup-stamp
 ARTIFACTS ?= artifacts
 TINY   := $(ARTIFACTS)/tiny-checkpoint
 CHECKPOINT ?= $(TINY)
+EXPORT ?= $(ARTIFACTS)/export
+TARGET ?= cpu
 TEXT   ?= Hello! [laugh] This is Fish S2 streaming from Triton.
 
-.PHONY: setup test demo tiny parity clean
+.PHONY: setup test demo tiny parity export clean
 
 setup: $(STAMP)
 
@@ -29,6 +31,11 @@ $(TINY)/config.json: | setup
 	$(PY) export/make_tiny_checkpoint.py $(TINY)
 
 tiny: $(TINY)/config.json
+
+# ONNX (fast AR, codec decoder/encoder), the TensorRT-LLM checkpoint, TensorRT plans (TARGET=gpu);
+# up-to-date stages are skipped
+export: setup $(if $(filter $(TINY),$(CHECKPOINT)),tiny)
+	$(PY) -m fish_s2.export --checkpoint $(CHECKPOINT) --out $(EXPORT) --target $(TARGET)
 
 demo: setup tiny
 	$(PY) -m fish_s2 synthesize --checkpoint $(CHECKPOINT) --text "$(TEXT)" -o demo.wav --max-frames 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -20,6 +21,9 @@ from torch import nn
 from .config import DualARConfig
 from .dual_ar import DualAR
 from .tokenizer import S2Tokenizer
+
+if TYPE_CHECKING:
+    from .codec import Codec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -140,7 +144,7 @@ class S2Checkpoint:
     config: DualARConfig
     tokenizer: S2Tokenizer
     model: DualAR
-    codec: "Codec"  # noqa: F821  (fish_s2.codec.Codec)
+    codec: "Codec"
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, dtype: torch.dtype | str = torch.float32,

@@ -262,11 +262,9 @@ class CausalConv(nn.Module):
         self.pad = self.kernel - stride
 
     def forward(self, x: Tensor) -> Tensor:
-        extra = 0
-        if self.stride > 1:  # encode path only: pad the tail up to a whole number of strides
-            n = x.shape[-1]
-            extra = (math.ceil((n - self.kernel + self.pad) / self.stride + 1) - 1) * self.stride \
-                + self.kernel - self.pad - n
+        # encode path only (strided convs): pad the tail up to a whole number of strides; upstream's
+        # ceil formula reduces to (-n) % stride since pad = kernel - stride, and this form traces to ONNX
+        extra = (-x.shape[-1]) % self.stride if self.stride > 1 else 0
         return self.conv(F.pad(x, (self.pad, extra)))
 
 

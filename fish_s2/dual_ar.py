@@ -4,6 +4,7 @@ and the TensorRT-LLM model: one place for the embedding combine, the fast-AR loo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -47,15 +48,23 @@ class FrameRecord:
     ras_used: Tensor       # [B] bool
 
 
+class FastARRuntime(Protocol):
+    """Another runtime for the fast-AR half of a frame (e.g. ONNX Runtime), same semantics as
+    :func:`sample_codes`."""
+
+    def sample_codes(self, hidden: Tensor, main: Tensor, sampling: BatchSampling, draw0: Tensor) -> Tensor: ...
+
+
 def decode_frame(model: DualAR, hidden: Tensor, sampling: BatchSampling, frame_index: Tensor,
                  ras_window: Tensor | None, audio_ids: Tensor, slots: slice = slice(None),
-                 record: list[FrameRecord] | None = None) -> Tensor:
+                 record: list[FrameRecord] | None = None, fast_ar: FastARRuntime | None = None) -> Tensor:
     """One Dual-AR frame for B rows from the slow AR's final-norm hidden state [B, dim].
 
     Samples the main token over the semantic range + <|im_end|> (with repetition-aware resampling
     against ``ras_window`` [B, W] of recent main tokens; None on a sequence's first frame), then runs
     the fast AR over the codebooks. ``frame_index`` [B] numbers each row's frames for its noise
     stream. Returns the frame column [B, num_codebooks + 1]: main token id, then the codes.
+    ``fast_ar`` replaces the torch fast AR (``model.fast``) for the codes.
     """
     cfg = model.cfg
     n_draws = model.draws_per_frame
@@ -72,7 +81,10 @@ def decode_frame(model: DualAR, hidden: Tensor, sampling: BatchSampling, frame_i
         ras = (ras_window == normal[:, None]).any(dim=-1) & (normal != cfg.eos_id)
     main = torch.where(ras, high, normal)
 
-    codes = sample_codes(model, hidden, main, sampling, draw0, slots)
+    if fast_ar is None:
+        codes = sample_codes(model, hidden, main, sampling, draw0, slots)
+    else:
+        codes = fast_ar.sample_codes(hidden, main, sampling, draw0).to(main.device)
     if record is not None:
         record.append(FrameRecord(logits, model.fast.project_in(hidden), normal, high, ras))
     return torch.cat([main[:, None], codes], dim=1)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .dual_ar import DualAR, decode_frame
+from .dual_ar import DualAR, FastARRuntime, decode_frame
 from .prefix_cache import PrefixCache, prefix_key
 from .sampling import RAS_WINDOW, BatchSampling, SamplingParams, seed_to_key
 from .streaming import ChunkPlan, Chunker, CodeChunk
@@ -128,6 +128,7 @@ class _Row:
     chunker: Chunker
     max_frames: int
     t_submit: float
+    top_k: int             # effective (1 when greedy)
     pos: int = 0           # position of the frame column fed to the next step
     n_frames: int = 0
 
@@ -137,8 +138,10 @@ def _bucket(n: int, sizes) -> int:
 
 
 class Engine:
-    def __init__(self, model: DualAR, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: DualAR, config: EngineConfig = EngineConfig(), fast_ar: FastARRuntime | None = None):
+        """``fast_ar``: run the fast AR with another runtime (e.g. ONNX Runtime on CPU) instead of torch."""
         self.model, self.cfg = model, config.validate(model.cfg.slow.max_seq_len)
+        self.fast_ar = fast_ar
         w = model.slow.embeddings.weight
         self.device, self.dtype = w.device, w.dtype
         self.model_tag = f"{model.cfg}:{self.dtype}"
@@ -313,12 +316,12 @@ class Engine:
 
     def _admit(self, req: EngineRequest, sink: Callable[[Event], None], t_submit: float) -> None:
         r = len(self.rows)
-        row = _Row(req, sink, Chunker(req.chunk_plan or self.cfg.chunk_plan), req.max_frames or self.cfg.max_frames,
-                   t_submit)
-        self.rows.append(row)
         p = req.params
+        row = _Row(req, sink, Chunker(req.chunk_plan or self.cfg.chunk_plan), req.max_frames or self.cfg.max_frames,
+                   t_submit, 1 if p.greedy else p.top_k)
+        self.rows.append(row)
         self.temperature[r], self.top_p[r] = p.temperature, p.top_p
-        self.top_k[r], self.key[r] = 1 if p.greedy else p.top_k, seed_to_key(p.seed)
+        self.top_k[r], self.key[r] = row.top_k, seed_to_key(p.seed)
         self.window[r] = 0
         self.frame_idx[r] = 0
         try:
@@ -370,8 +373,14 @@ class Engine:
 
     def _first_frame_body(self) -> Tensor:
         sl = slice(self.cfg.max_active, self.cfg.max_active + 1)
-        sampling = BatchSampling(self.temperature[sl], self.top_p[sl], self.top_k[sl], self.key[sl])
-        return decode_frame(self.model, self.scratch_hidden, sampling, self.frame_idx[sl], None, self.audio_ids, sl)[0]
+        return decode_frame(self.model, self.scratch_hidden, self._sampling(sl, [self.rows[-1]] if self.rows else []),
+                            self.frame_idx[sl], None, self.audio_ids, sl, fast_ar=self.fast_ar)[0]
+
+    def _sampling(self, sl: slice, rows: list[_Row]) -> BatchSampling:
+        """Sampling state of a row range. Without graphs the host knows the largest top_k, which lets
+        sampling skip sorting whole rows; a graph must not bake it in."""
+        k_max = None if self.use_graphs or not rows else max(r.top_k for r in rows)
+        return BatchSampling(self.temperature[sl], self.top_p[sl], self.top_k[sl], self.key[sl], k_max)
 
     # ------------------------------------------------------------------ decode
 
@@ -379,8 +388,8 @@ class Engine:
         """One batched frame for rows 0..n-1 from the static state buffers (graph-capturable: no host sync)."""
         sl = slice(0, n)
         hidden = self.model.slow(self.cur[sl, :, None], self.pos[sl, None], sl, kv_len)[:, 0]
-        sampling = BatchSampling(self.temperature[sl], self.top_p[sl], self.top_k[sl], self.key[sl])
-        return decode_frame(self.model, hidden, sampling, self.frame_idx[sl], self.window[sl], self.audio_ids, sl)
+        return decode_frame(self.model, hidden, self._sampling(sl, self.rows[:n]), self.frame_idx[sl],
+                            self.window[sl], self.audio_ids, sl, fast_ar=self.fast_ar)
 
     def _decode(self, n: int) -> Tensor:
         kv_len = max(row.pos for row in self.rows[:n]) + 1

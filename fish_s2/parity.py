@@ -25,7 +25,7 @@ from .checkpoint import S2Checkpoint
 from .dual_ar import sample_codes
 from .generate import generate_long
 from .prompt import PromptBuilder, Reference
-from .sampling import BatchSampling, SamplingParams, logits_to_probs, race, uniform_noise
+from .sampling import BatchSampling, SamplingParams, logits_to_probs, race
 
 # tolerances (issue #2): fp32 logits/hidden within 1e-4 of their scale; codec audio 1e-4;
 # sampling probabilities 1e-6; ids and codes exact. bf16 forward: loose (upstream's own fp32-vs-bf16 gap).

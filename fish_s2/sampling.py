@@ -55,7 +55,7 @@ def seed_to_key(seed: int) -> int:
 
 def uniform_noise(key: Tensor, draw: Tensor, ids: Tensor) -> Tensor:
     """u in (0, 1), float32, for rows with keys [B] at draw numbers [B] (-> [B, N]) or [B, K] (-> [B, K, N])
-    and element ids [N]."""
+    and element ids [N] (or per row [B, N] with draws [B])."""
     x = key.view(-1, *([1] * draw.dim())) + ((draw[..., None] << 32) | ids)
     return (_shr(splitmix64(x), 41).float() + 0.5) / float(1 << 23)
 
@@ -111,6 +111,7 @@ class BatchSampling:
     top_p: Tensor        # [B] float32
     top_k: Tensor        # [B] int64 (1 where greedy)
     key: Tensor          # [B] int64 noise keys
+    k_max: int | None = None  # host-known bound on top_k: sample among the k_max best instead of sorting all
 
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu",
@@ -130,5 +131,22 @@ class BatchSampling:
         the caller drew it already (several draws at once cost fewer kernels)."""
         t = self.temperature if temperature is None else temperature
         p = self.top_p if top_p is None else top_p
+        if self.k_max is not None and self.k_max < logits.shape[-1]:
+            return self._sample_best(logits, ids, draw, t, p, u)
         probs = logits_to_probs(logits, t, p, self.top_k)
         return race(probs, uniform_noise(self.key, draw, ids) if u is None else u)
+
+    def _sample_best(self, logits: Tensor, ids: Tensor, draw: Tensor, t: Tensor, p: Tensor, u: Tensor | None) -> Tensor:
+        """:func:`logits_to_probs` + :func:`race` restricted to the k_max largest logits, which hold every
+        token that top-k can keep: the same samples without sorting the whole row (up to last-bit
+        rounding of the normaliser). Noise is drawn for the candidates only."""
+        vals, idx = torch.topk(logits, self.k_max, dim=-1)
+        t, p = t.to(logits.dtype), p.to(logits.dtype)
+        sorted_probs = torch.exp(vals.float() - torch.logsumexp(logits.float(), dim=-1, keepdim=True)).to(logits.dtype)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        rank = torch.arange(self.k_max, device=logits.device)
+        remove = (cum > p[:, None]) | (rank[None, :] >= self.top_k[:, None])
+        remove[:, 0] = False
+        probs = F.softmax(vals.masked_fill(remove, float("-inf")) / t.clamp(min=1e-5)[:, None], dim=-1)
+        noise = uniform_noise(self.key, draw, ids[idx]) if u is None else u.gather(-1, idx)
+        return idx.gather(-1, race(probs, noise)[:, None])[:, 0]

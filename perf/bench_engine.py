@@ -127,7 +127,7 @@ def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Engine benchmark (CPU)\n", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}\n",
+    lines = ["# Engine benchmark (CPU)\n", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}\n",
              "| preset | runner | concurrency | frames/s | audio-s/s | vs engine c=1 |", "|---|---|---|---|---|---|"]
     for preset, r in result["presets"].items():
         for name, row in r["throughput"].items():

@@ -60,3 +60,17 @@ def test_sampling_follows_the_distribution():
 def test_out_of_range_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_sampling_among_the_best_equals_the_full_sort():
+    """The k_max fast path (no full sort) draws exactly what upstream's full-sort semantics draw."""
+    torch.manual_seed(0)
+    for V in (4096, 4097):
+        logits = torch.randn(64, V) * 3
+        params = [SamplingParams(temperature=0.3 + 0.02 * i, top_p=0.5 + 0.007 * i, top_k=[1, 5, 30, 100][i % 4],
+                                 seed=i) for i in range(64)]
+        full, best = BatchSampling.of(params), BatchSampling.of(params)
+        best.k_max = 100
+        for d in range(20):
+            draw = torch.full((64,), d)
+            assert torch.equal(full.sample(logits, torch.arange(V), draw), best.sample(logits, torch.arange(V), draw))

@@ -8,7 +8,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fish_s2.checkpoint import S2Checkpoint
 from fish_s2.layers import apply_rope, rope_table
 from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.tiny import write_tiny_checkpoint

@@ -9,8 +9,9 @@ CHECKPOINT ?= $(TINY)
 EXPORT ?= $(ARTIFACTS)/export
 TARGET ?= cpu
 TEXT   ?= Hello! [laugh] This is Fish S2 streaming from Triton.
+SERVE_ARGS ?=
 
-.PHONY: setup test demo tiny parity export clean
+.PHONY: setup test demo serve tiny parity export clean
 
 setup: $(STAMP)
 
@@ -37,8 +38,14 @@ tiny: $(TINY)/config.json
 export: setup $(if $(filter $(TINY),$(CHECKPOINT)),tiny)
 	$(PY) -m fish_s2.export --checkpoint $(CHECKPOINT) --out $(EXPORT) --target $(TARGET)
 
+# export, generate the CPU model repository, start Triton, stream TEXT through the client into
+# demo.wav (prints time to first audio and RTF), stop Triton
 demo: setup tiny
-	$(PY) -m fish_s2 synthesize --checkpoint $(CHECKPOINT) --text "$(TEXT)" -o demo.wav --max-frames 200
+	$(PY) -m fish_s2.serving.demo demo --checkpoint $(CHECKPOINT) --artifacts $(ARTIFACTS) --text "$(TEXT)" -o demo.wav
+
+# Triton on 127.0.0.1:8001 (gRPC) until Ctrl-C; SERVE_ARGS="--host 0.0.0.0 --openai-port 8080" etc.
+serve: setup tiny
+	$(PY) -m fish_s2.serving.demo serve --checkpoint $(CHECKPOINT) --artifacts $(ARTIFACTS) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) demo.wav

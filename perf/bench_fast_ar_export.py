@@ -7,7 +7,7 @@ next to the torch fast AR; checks that all three give identical codes.
 Result behind the choice in fish_s2/export/onnx_export.py: perf/results/fast_ar_export_cpu.md.
 """
 import statistics, sys, time, warnings
-import numpy as np, onnxruntime as ort, torch
+import onnxruntime as ort, torch
 from torch import nn
 from fish_s2.checkpoint import load_config, load_dual_ar
 from fish_s2.dual_ar import sample_codes

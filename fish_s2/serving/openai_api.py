@@ -1,0 +1,252 @@
+"""An OpenAI-compatible ``POST /v1/audio/speech`` endpoint in front of the Triton ``tts`` ensemble.
+
+    python -m fish_s2.serving.openai_api --triton 127.0.0.1:8001 --port 8000 [--api-key KEY]
+
+Request body (JSON): ``model`` (the served model name), ``input`` (text, inline tags such as
+``[laugh]`` welcome), ``voice`` (a registered voice id, or ``default`` for no reference),
+``response_format`` ``wav`` (default) or ``pcm`` (raw 16-bit little-endian mono at the codec rate,
+given in the ``X-Sample-Rate`` header), ``stream`` (default true: audio is sent chunk by chunk as it
+is generated; a streamed WAV carries the "unknown length" sizes 0xFFFFFFFF in its header). Fish
+extensions: ``seed``, ``temperature``, ``top_p``, ``top_k``, ``max_frames``. Anything else, or a
+``speed`` other than 1.0, is a 400 naming the field. With an API key configured, requests need
+``Authorization: Bearer <key>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+from aiohttp import web
+
+from ..client import AsyncTTSClient, AudioChunk, TTSError
+
+DEFAULT_MODEL = "fish-s2-pro"
+FORMATS = ("wav", "pcm")
+EXTENSIONS = {"seed": int, "temperature": float, "top_p": float, "top_k": int, "max_frames": int}
+KNOWN = {"model", "input", "voice", "response_format", "stream", "speed"} | set(EXTENSIONS)
+MAX_INPUT_CHARS = 4096
+UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def wav_header(sample_rate: int, n_samples: int | None) -> bytes:
+    """44-byte PCM16 mono WAV header; ``None`` samples = streaming (sizes set to 0xFFFFFFFF)."""
+    data = UNKNOWN_SIZE if n_samples is None else 2 * n_samples
+    riff = UNKNOWN_SIZE if n_samples is None else 36 + data
+    return (b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate,
+            2 * sample_rate, 2, 16) + b"data" + struct.pack("<I", data))
+
+
+def pcm16(chunk: AudioChunk) -> bytes:
+    a = chunk.audio
+    if a.dtype != np.int16:
+        a = np.round(np.clip(a, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return a.astype("<i2").tobytes()
+
+
+def parse_request(body: object, model_name: str) -> tuple[str, str, bool, dict]:
+    """(text, response_format, stream, tts fields) from the JSON body, or BadRequest naming the field."""
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object")
+    unknown = sorted(set(body) - KNOWN)
+    if unknown:
+        raise BadRequest(f"{unknown[0]}: unsupported field (supported: {', '.join(sorted(KNOWN))})")
+    if body.get("model") != model_name:
+        raise BadRequest(f"model: this server serves {model_name!r}, got {body.get('model')!r}")
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest("input: must be a non-empty string")
+    if len(text) > MAX_INPUT_CHARS:
+        raise BadRequest(f"input: at most {MAX_INPUT_CHARS} characters, got {len(text)}")
+    voice = body.get("voice", "default")
+    if not isinstance(voice, str) or not voice:
+        raise BadRequest("voice: must be a voice id string ('default' for no reference voice)")
+    fmt = body.get("response_format", "wav")
+    if fmt not in FORMATS:
+        raise BadRequest(f"response_format: supported formats are {', '.join(FORMATS)}, got {fmt!r}")
+    if "speed" in body and body["speed"] != 1.0:
+        raise BadRequest(f"speed: only 1.0 is supported, got {body['speed']!r}")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise BadRequest("stream: must be true or false")
+    fields: dict = {"sample_format": "int16"}
+    if voice != "default":
+        fields["voice_id"] = voice
+    for key, kind in EXTENSIONS.items():
+        if key in body:
+            v = body[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+                raise BadRequest(f"{key}: expected a number of type {kind.__name__}, got {v!r}")
+            fields[key] = kind(v)
+    return text, fmt, stream, fields
+
+
+def _status(e: TTSError) -> int:
+    code = (e.code or "").upper()
+    if "INVALID" in code:
+        return 400
+    if "UNAVAILABLE" in code or "RESOURCE_EXHAUSTED" in code:
+        return 503
+    return 500
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    err = {"message": message, "type": "invalid_request_error" if status == 400 else "server_error",
+           "param": field, "code": None}
+    return web.json_response({"error": err}, status=status)
+
+
+class SpeechServer:
+    def __init__(self, triton_url: str, model_name: str = DEFAULT_MODEL, api_key: str | None = None):
+        self.triton_url, self.model_name, self.api_key = triton_url, model_name, api_key
+        self.client: AsyncTTSClient | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/v1/audio/speech", self.speech)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app) -> None:
+        self.client = AsyncTTSClient(self.triton_url)
+
+    async def _stop(self, app) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    def _authorized(self, request: web.Request) -> bool:
+        if not self.api_key:
+            return True
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong API key")
+        return web.json_response({"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                              "owned_by": "fish-s2"}]})
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            return _error(401, "missing or wrong API key")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "body: not valid JSON")
+        try:
+            text, fmt, stream, fields = parse_request(body, self.model_name)
+        except BadRequest as e:
+            return _error(400, str(e), str(e).split(":")[0])
+        chunks = self.client.stream(text, **fields)
+        async with contextlib.aclosing(chunks):
+            try:  # the first chunk decides the status: errors before it are proper HTTP errors
+                first = await anext(chunks, None)
+            except TTSError as e:
+                return _error(_status(e), str(e), str(e).split(":")[0] if _status(e) == 400 else None)
+            if first is None:
+                return _error(500, "the server produced no audio")
+            headers = {"Content-Type": "audio/wav" if fmt == "wav" else "audio/pcm",
+                       "X-Sample-Rate": str(first.sample_rate)}
+            if not stream:
+                parts = [pcm16(first)] + [pcm16(c) async for c in chunks]
+                data = b"".join(parts)
+                head = wav_header(first.sample_rate, len(data) // 2) if fmt == "wav" else b""
+                return web.Response(body=head + data, headers=headers)
+            response = web.StreamResponse(headers=headers)
+            await response.prepare(request)
+            if fmt == "wav":
+                await response.write(wav_header(first.sample_rate, None))
+            await response.write(pcm16(first))
+            try:
+                async for chunk in chunks:
+                    await response.write(pcm16(chunk))
+            except TTSError:  # headers are out: all we can do is end the body early
+                pass
+            await response.write_eof()
+            return response
+
+
+class SpeechProcess:
+    """The endpoint as a child process beside Triton (``make serve SERVE_ARGS=--openai-port 8080``)."""
+
+    def __init__(self, triton_url: str, host: str, port: int, model_name: str = DEFAULT_MODEL,
+                 api_key: str | None = None):
+        self.triton_url, self.host, self.port, self.model_name, self.api_key = triton_url, host, port, model_name, api_key
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"OpenAI speech API {self.url}/v1/audio/speech"
+
+    def start(self, timeout_s: float = 60.0) -> "SpeechProcess":
+        env = dict(os.environ)
+        if self.api_key:
+            env["FISH_S2_API_KEY"] = self.api_key
+        self._proc = subprocess.Popen([sys.executable, "-m", "fish_s2.serving.openai_api", "--triton", self.triton_url,
+                                       "--host", self.host, "--port", str(self.port), "--model-name", self.model_name],
+                                      env=env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the OpenAI endpoint did not come up on {self.url}")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._proc = None
+
+    def __enter__(self) -> "SpeechProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="OpenAI-compatible speech endpoint over the Triton tts ensemble")
+    ap.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model-name", default=DEFAULT_MODEL)
+    ap.add_argument("--api-key", default=os.environ.get("FISH_S2_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $FISH_S2_API_KEY, unset = open)")
+    args = ap.parse_args(argv)
+    server = SpeechServer(args.triton, args.model_name, args.api_key)
+    web.run_app(server.app(), host=args.host, port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""The tensor contract of the Triton models, and validation of what a client sends.
+
+Every tensor name, dtype and shape is declared once here: the repository generator renders the
+``input``/``output`` blocks of each ``config.pbtxt`` from these specs, the models read and write
+tensors by these names, and the client builds its requests from them. Dims given as a name
+(``"codebooks"``, ``"rows"``) are filled from the checkpoint by the generator.
+
+A bad request raises :class:`RequestError` whose message starts with the field it is about
+(``"temperature: must be in [0, 2], got 3.0"``); the models turn it into an INVALID_ARG response.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine import RequestError
+from ..sampling import SamplingParams
+from ..streaming import ChunkPlan
+
+TTS, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
+    "tts", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
+
+SAMPLE_FORMATS = ("float32", "int16")    # index = the code carried in CHUNK_META
+VOICE_ACTIONS = ("register", "list", "delete")
+VOICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: type               # numpy dtype; np.object_ = Triton BYTES
+    dims: tuple               # ints (-1: any) or checkpoint size names
+    optional: bool = False
+
+    @property
+    def config_type(self) -> str:
+        """The ``data_type`` of a Triton model config."""
+        return "TYPE_STRING" if self.dtype is np.object_ else "TYPE_" + _TRITON[np.dtype(self.dtype).name]
+
+    @property
+    def wire_type(self) -> str:
+        """The datatype of a KServe v2 request tensor."""
+        return "BYTES" if self.dtype is np.object_ else _TRITON[np.dtype(self.dtype).name]
+
+
+_TRITON = {"float32": "FP32", "int16": "INT16", "int32": "INT32", "int64": "INT64", "bool": "BOOL"}
+
+
+def _s(name, dtype, dims=(1,), optional=False) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(dims), optional)
+
+
+# ---------------------------------------------------------------- tts (ensemble) = preprocess inputs
+TTS_INPUTS = (
+    _s("TEXT", np.object_),
+    _s("VOICE_ID", np.object_, optional=True),
+    _s("REFERENCE_AUDIO", np.float32, (-1,), optional=True),
+    _s("REFERENCE_SAMPLE_RATE", np.int32, optional=True),
+    _s("REFERENCE_TEXT", np.object_, optional=True),
+    _s("TEMPERATURE", np.float32, optional=True),
+    _s("TOP_P", np.float32, optional=True),
+    _s("TOP_K", np.int32, optional=True),
+    _s("SEED", np.int64, optional=True),
+    _s("MAX_FRAMES", np.int32, optional=True),
+    _s("FIRST_CHUNK_FRAMES", np.int32, optional=True),
+    _s("CHUNK_FRAMES", np.int32, optional=True),
+    _s("CONTEXT_FRAMES", np.int32, optional=True),
+    _s("SAMPLE_FORMAT", np.object_, optional=True),
+)
+TTS_OUTPUTS = (                       # = postprocess outputs; one response per chunk
+    _s("AUDIO", np.float32, (-1,)),           # samples of the chunk if SAMPLE_FORMAT is float32, else empty
+    _s("AUDIO_INT16", np.int16, (-1,)),       # samples of the chunk if SAMPLE_FORMAT is int16, else empty
+    _s("CHUNK_INDEX", np.int32),
+    _s("SAMPLE_RATE", np.int32),
+    _s("REQUEST_ID", np.object_),             # server-generated
+)
+
+# ---------------------------------------------------------------- preprocess -> dual_ar
+GENERATE_INPUTS = (
+    _s("PROMPT", np.int64, ("rows", -1), optional=True),
+    _s("PREFIX_LEN", np.int32, optional=True),
+    _s("TEMPERATURE", np.float32, optional=True),
+    _s("TOP_P", np.float32, optional=True),
+    _s("TOP_K", np.int32, optional=True),
+    _s("SEED", np.int64, optional=True),
+    _s("MAX_FRAMES", np.int32, optional=True),
+    _s("CHUNK_PLAN", np.int32, (3,), optional=True),     # first_frames, chunk_frames, context_frames
+    _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
+    _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
+)
+# dual_ar inputs: a generation (all GENERATE_INPUTS) or a stop (STOP alone): the stop aborts every
+# running request of the same Triton request id (ensembles do not pass a client's cancellation on
+# to a running step, so the client sends this when it abandons a stream).
+DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("STOP", np.bool_, optional=True),)
+DUAL_AR_OUTPUTS = (
+    _s("CODES", np.int64, ("codebooks", -1)),             # [codebooks, context + new frames]
+    _s("CHUNK_META", np.int64, (4,)),                     # see ChunkMeta
+    _s("REQUEST_ID", np.object_),
+)
+
+# ---------------------------------------------------------------- codec_decoder (batched) and postprocess
+CODEC_INPUTS = (_s("CODES", np.int64, ("codebooks", -1)),)
+CODEC_OUTPUTS = (_s("AUDIO", np.float32, (-1,)),)          # context + new frames, frame_length samples each
+POSTPROCESS_INPUTS = (
+    _s("DECODED", np.float32, (-1,)),
+    _s("CHUNK_META", np.int64, (4,)),
+    _s("REQUEST_ID", np.object_),
+)
+
+# ---------------------------------------------------------------- voices
+VOICES_INPUTS = (
+    _s("ACTION", np.object_),
+    _s("VOICE_ID", np.object_, optional=True),
+    _s("REFERENCE_AUDIO", np.float32, (-1,), optional=True),
+    _s("REFERENCE_SAMPLE_RATE", np.int32, optional=True),
+    _s("REFERENCE_TEXT", np.object_, optional=True),
+)
+VOICES_OUTPUTS = (_s("VOICES", np.object_, (-1,)),)       # one JSON object per voice
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """Per-chunk facts that travel from dual_ar to postprocess as one INT64 [4] tensor."""
+
+    index: int
+    context_frames: int
+    format_code: int
+    start_ns: int
+
+    def pack(self) -> np.ndarray:
+        return np.array([self.index, self.context_frames, self.format_code, self.start_ns], dtype=np.int64)
+
+    @classmethod
+    def unpack(cls, a: np.ndarray) -> "ChunkMeta":
+        index, context, fmt, start = (int(v) for v in np.asarray(a).reshape(-1)[:4])
+        return cls(index, context, fmt, start)
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+# ---------------------------------------------------------------- reading request tensors
+
+Getter = Callable[[str], "np.ndarray | None"]   # name -> the request's tensor, None when absent
+
+
+def _one(get: Getter, spec: TensorSpec):
+    a = get(spec.name)
+    field = spec.name.lower()
+    if a is None:
+        if spec.optional:
+            return None
+        raise RequestError(f"{field}: required")
+    if a.size != 1:
+        raise RequestError(f"{field}: expected one value, got shape {list(a.shape)}")
+    v = a.reshape(-1)[0]
+    if spec.dtype is np.object_:
+        try:
+            return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        except UnicodeDecodeError:
+            raise RequestError(f"{field}: not valid UTF-8") from None
+    if np.dtype(spec.dtype).kind == "f":
+        v = float(v)
+        if not math.isfinite(v):
+            raise RequestError(f"{field}: must be finite, got {v}")
+        return v
+    return int(v)
+
+
+def check_voice_id(voice_id: str) -> str:
+    """Voice ids are checked against a strict pattern before any path is built from them."""
+    if not isinstance(voice_id, str) or not VOICE_ID.fullmatch(voice_id):
+        raise RequestError(f"voice_id: must match {VOICE_ID.pattern} (letters, digits, '_' and '-', "
+                           f"at most 64 characters), got {voice_id!r}")
+    return voice_id
+
+
+@dataclass(frozen=True)
+class ReferenceInput:
+    audio: np.ndarray          # float32 mono at sample_rate
+    sample_rate: int
+    text: str
+
+
+def _reference(get: Getter, specs: dict[str, TensorSpec], max_seconds: float,
+               required: bool) -> ReferenceInput | None:
+    audio = get("REFERENCE_AUDIO")
+    rate = _one(get, specs["REFERENCE_SAMPLE_RATE"])
+    text = _one(get, specs["REFERENCE_TEXT"])
+    if audio is None and rate is None and text is None:
+        if required:
+            raise RequestError("reference_audio: required")
+        return None
+    if audio is None or text is None or rate is None:
+        missing = [n for n, v in (("reference_audio", audio), ("reference_sample_rate", rate),
+                                  ("reference_text", text)) if v is None]
+        raise RequestError(f"{missing[0]}: required with a reference voice (reference_audio, "
+                           f"reference_sample_rate and reference_text go together)")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise RequestError(f"reference_sample_rate: must be in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}], got {rate}")
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    if audio.size == 0:
+        raise RequestError("reference_audio: no samples")
+    if audio.size > max_seconds * rate:
+        raise RequestError(f"reference_audio: {audio.size / rate:.1f} s, the limit is {max_seconds:g} s")
+    if not np.isfinite(audio).all():
+        raise RequestError("reference_audio: contains NaN or infinite samples")
+    if not text.strip():
+        raise RequestError("reference_text: must not be empty")
+    return ReferenceInput(audio, rate, text)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the deployment allows, from its serving config."""
+
+    max_text_bytes: int
+    max_frames: int
+    max_reference_seconds: float
+    chunk_plan: ChunkPlan       # the engine's plan: defaults for the chunk fields
+
+
+@dataclass(frozen=True)
+class TTSRequest:
+    text: str
+    voice_id: str | None
+    reference: ReferenceInput | None
+    params: SamplingParams
+    max_frames: int
+    chunk_plan: ChunkPlan
+    sample_format: str
+
+
+def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
+    """Validate a tts request and fill every default, so dual_ar receives a complete request."""
+    specs = {s.name: s for s in TTS_INPUTS}
+    text = _one(get, specs["TEXT"])
+    if not text.strip():
+        raise RequestError("text: must not be empty")
+    if len(text.encode("utf-8")) > limits.max_text_bytes:
+        raise RequestError(f"text: {len(text.encode('utf-8'))} bytes, the limit is {limits.max_text_bytes}")
+    voice_id = _one(get, specs["VOICE_ID"])
+    if voice_id is not None:
+        check_voice_id(voice_id)
+    reference = _reference(get, specs, limits.max_reference_seconds, required=False)
+    if voice_id is not None and reference is not None:
+        raise RequestError("voice_id: give a registered voice or a reference voice, not both")
+
+    defaults = SamplingParams()
+    value = lambda name, default: default if (v := _one(get, specs[name])) is None else v  # noqa: E731
+    params = SamplingParams(temperature=value("TEMPERATURE", defaults.temperature),
+                            top_p=value("TOP_P", defaults.top_p), top_k=value("TOP_K", defaults.top_k),
+                            seed=value("SEED", defaults.seed))
+    plan = ChunkPlan(first_frames=value("FIRST_CHUNK_FRAMES", limits.chunk_plan.first_frames),
+                     chunk_frames=value("CHUNK_FRAMES", limits.chunk_plan.chunk_frames),
+                     context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames))
+    max_frames = value("MAX_FRAMES", limits.max_frames)
+    try:
+        params.validate()
+        plan.validate(limits.max_frames)
+    except ValueError as e:
+        raise RequestError(_field_names(str(e))) from None
+    if not 1 <= max_frames <= limits.max_frames:
+        raise RequestError(f"max_frames: must be in [1, {limits.max_frames}], got {max_frames}")
+    sample_format = value("SAMPLE_FORMAT", SAMPLE_FORMATS[0])
+    if sample_format not in SAMPLE_FORMATS:
+        raise RequestError(f"sample_format: expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
+    return TTSRequest(text, voice_id, reference, params, max_frames, plan, sample_format)
+
+
+def _field_names(message: str) -> str:
+    """ChunkPlan names its fields first_frames/...; the request calls them first_chunk_frames/..."""
+    return re.sub(r"^first_frames:", "first_chunk_frames:", message)
+
+
+@dataclass(frozen=True)
+class VoiceRequest:
+    action: str
+    voice_id: str | None
+    reference: ReferenceInput | None
+
+
+def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceRequest:
+    specs = {s.name: s for s in VOICES_INPUTS}
+    action = _one(get, specs["ACTION"])
+    if action not in VOICE_ACTIONS:
+        raise RequestError(f"action: expected one of {list(VOICE_ACTIONS)}, got {action!r}")
+    voice_id = _one(get, specs["VOICE_ID"])
+    if action == "list":
+        return VoiceRequest(action, None, None)
+    if voice_id is None:
+        raise RequestError(f"voice_id: required to {action} a voice")
+    check_voice_id(voice_id)
+    reference = _reference(get, specs, max_reference_seconds, required=action == "register")
+    if action == "delete" and reference is not None:
+        raise RequestError("reference_audio: not used when deleting a voice")
+    return VoiceRequest(action, voice_id, reference)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What dual_ar receives from preprocess: a complete, validated generation request."""
+
+    prompt: np.ndarray          # int64 [rows, T]
+    prefix_len: int
+    params: SamplingParams
+    max_frames: int
+    chunk_plan: ChunkPlan
+    format_code: int
+    start_ns: int
+
+
+def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start_ns: int) -> dict[str, np.ndarray]:
+    """preprocess's outputs for one request (the dual_ar inputs, by name)."""
+    p, plan = req.params, req.chunk_plan
+    return {"PROMPT": np.ascontiguousarray(prompt, dtype=np.int64),
+            "PREFIX_LEN": np.array([prefix_len], np.int32),
+            "TEMPERATURE": np.array([p.temperature], np.float32), "TOP_P": np.array([p.top_p], np.float32),
+            "TOP_K": np.array([p.top_k], np.int32), "SEED": np.array([p.seed], np.int64),
+            "MAX_FRAMES": np.array([req.max_frames], np.int32),
+            "CHUNK_PLAN": np.array([plan.first_frames, plan.chunk_frames, plan.context_frames], np.int32),
+            "FORMAT_CODE": np.array([SAMPLE_FORMATS.index(req.sample_format)], np.int32),
+            "START_NS": np.array([start_ns], np.int64)}
+
+
+def parse_generate_request(get: Getter) -> GenerateRequest | None:
+    """A dual_ar request: None for a stop request (STOP alone), else every generation input is required.
+    Ranges are the engine's to check (it raises RequestError naming the field)."""
+    specs = {s.name: s for s in DUAL_AR_INPUTS}
+    present = [s.name for s in GENERATE_INPUTS if get(s.name) is not None]
+    if _one(get, specs["STOP"]):
+        if present:
+            raise RequestError(f"stop: a stop request carries no other inputs, got {present}")
+        return None
+    prompt = get("PROMPT")
+    if prompt is None:
+        raise RequestError("prompt: required")
+    if prompt.ndim != 2 or prompt.dtype.kind not in "iu":
+        raise RequestError(f"prompt: expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
+    scalars = {s.name: _required(get, s) for s in GENERATE_INPUTS if s.dims == (1,)}
+    plan = get("CHUNK_PLAN")
+    if plan is None or plan.size != 3:
+        raise RequestError(f"chunk_plan: expected [first_frames, chunk_frames, context_frames], got "
+                           f"{None if plan is None else list(plan.shape)}")
+    if not 0 <= scalars["FORMAT_CODE"] < len(SAMPLE_FORMATS):
+        raise RequestError(f"format_code: must be in [0, {len(SAMPLE_FORMATS) - 1}], got {scalars['FORMAT_CODE']}")
+    return GenerateRequest(
+        prompt=prompt.astype(np.int64), prefix_len=scalars["PREFIX_LEN"],
+        params=SamplingParams(temperature=scalars["TEMPERATURE"], top_p=scalars["TOP_P"], top_k=scalars["TOP_K"],
+                              seed=scalars["SEED"]),
+        max_frames=scalars["MAX_FRAMES"], chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
+        format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
+
+
+def _required(get: Getter, spec: TensorSpec):
+    value = _one(get, spec)
+    if value is None:
+        raise RequestError(f"{spec.name.lower()}: required")
+    return value
+
+
+# ---------------------------------------------------------------- building requests (client side)
+
+def tts_inputs(text: str, *, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
+               reference_sample_rate: int | None = None, reference_text: str | None = None,
+               temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+               seed: int | None = None, max_frames: int | None = None, first_chunk_frames: int | None = None,
+               chunk_frames: int | None = None, context_frames: int | None = None,
+               sample_format: str | None = None) -> dict[str, np.ndarray]:
+    """The tensors of a tts request; fields left None are not sent (the server's defaults apply)."""
+    return _arrays(TTS_INPUTS, dict(text=text, voice_id=voice_id, reference_audio=reference_audio,
+                                    reference_sample_rate=reference_sample_rate, reference_text=reference_text,
+                                    temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                    max_frames=max_frames, first_chunk_frames=first_chunk_frames,
+                                    chunk_frames=chunk_frames, context_frames=context_frames,
+                                    sample_format=sample_format))
+
+
+def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
+                 reference_sample_rate: int | None = None, reference_text: str | None = None) -> dict[str, np.ndarray]:
+    return _arrays(VOICES_INPUTS, dict(action=action, voice_id=voice_id, reference_audio=reference_audio,
+                                       reference_sample_rate=reference_sample_rate, reference_text=reference_text))
+
+
+def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for spec in specs:
+        v = values[spec.name.lower()]
+        if v is None:
+            continue
+        if spec.dtype is np.object_:
+            out[spec.name] = np.array([v.encode("utf-8")], dtype=np.object_)
+        elif spec.dims == (1,):
+            out[spec.name] = np.array([v], dtype=spec.dtype)
+        else:
+            out[spec.name] = np.ascontiguousarray(v, dtype=spec.dtype).reshape(-1)
+    return out

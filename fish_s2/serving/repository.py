@@ -1,0 +1,255 @@
+"""Fill the model-repository templates for a profile and a checkpoint.
+
+    python -m fish_s2.serving.repository --profile cpu|gpu --checkpoint DIR --artifacts DIR --out DIR \\
+        [--voices-dir DIR] [--set engine.max_active=4 --set triton.codec_max_batch=16 ...]
+
+Writes ``OUT/<model>/config.pbtxt`` (templates from ``model_repository/templates`` with ``${name}``
+placeholders; tensor blocks rendered from :mod:`fish_s2.serving.protocol`, dims from the
+checkpoint), the python models' ``model.py`` and ``OUT/serving.yaml`` (:class:`ServingConfig`), so
+the repository the tests run is the one that ships. Export outputs are found under ARTIFACTS:
+``onnx/codec_decoder.onnx`` and ``onnx/codec_encoder.onnx`` (ONNX Runtime codec on the CPU),
+``trtllm/`` (TensorRT-LLM model directory) and ``trt/codec_decoder.plan`` (GPU), as
+``python -m fish_s2.export`` writes them. With runtime trtllm the engine limits in serving.yaml are
+those of the LLM-API settings file (``fish_s2/trtllm/llm_api.yaml`` unless ``trtllm_settings`` names
+another), so preprocess validates against the limits the engine has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import shutil
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import load_config
+from . import protocol as p
+from .config import FILE_NAME, TRITON_CODECS, ServingConfig
+from .runtime import trtllm_settings
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
+MODELS = (p.TTS, p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
+PYTHON_MODELS = (p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
+
+
+@dataclass(frozen=True)
+class TritonSettings:
+    """Scheduling settings that go into config.pbtxt rather than serving.yaml."""
+
+    preprocess_instances: int = 1
+    postprocess_instances: int = 1
+    codec_instances: int = 1
+    codec_max_batch: int = 8
+    codec_queue_delay_us: int = 2000
+
+
+# per profile: serving.yaml settings (on top of ServingConfig's defaults) and Triton settings
+PROFILES = {
+    "cpu": ({"device": "cpu", "dtype": "float32", "runtime": "torch", "engine": {"max_active": 8, "max_queued": 32}},
+            TritonSettings()),
+    "gpu": ({"device": "cuda", "dtype": "bfloat16", "runtime": "trtllm",
+             "engine": {"max_active": 32, "max_queued": 128}},
+            TritonSettings(preprocess_instances=2, postprocess_instances=2, codec_max_batch=32,
+                           codec_queue_delay_us=1000)),
+}
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    root: Path
+
+    @property
+    def codec_decoder_onnx(self) -> Path:
+        return self.root / "onnx" / "codec_decoder.onnx"
+
+    @property
+    def codec_encoder_onnx(self) -> Path:
+        return self.root / "onnx" / "codec_encoder.onnx"
+
+    @property
+    def trtllm_dir(self) -> Path:
+        return self.root / "trtllm"
+
+    @property
+    def codec_decoder_plan(self) -> Path:
+        return self.root / "trt" / "codec_decoder.plan"
+
+
+def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: Path,
+                   overrides: dict[str, object]) -> tuple[ServingConfig, TritonSettings]:
+    """The profile's settings, with export outputs found under ``artifacts``, then ``overrides``."""
+    if profile not in PROFILES:
+        raise ValueError(f"--profile: expected one of {sorted(PROFILES)}, got {profile!r}")
+    defaults, triton = PROFILES[profile]
+    art = Artifacts(artifacts.resolve())
+    data = {**defaults, "profile": profile, "checkpoint": str(checkpoint.resolve()),
+            "voices_dir": str(voices_dir.resolve())}
+    if profile == "cpu":   # ONNX Runtime codec when the export exists and its runtime is installed
+        onnx = art.codec_decoder_onnx.is_file() and importlib.util.find_spec("fish_s2.ort_runtime") is not None
+        data["codec_runtime"] = "onnx" if onnx else "torch"
+        if onnx:
+            data["codec_decoder_path"] = str(art.codec_decoder_onnx)
+            if art.codec_encoder_onnx.is_file():
+                data["codec_encoder_onnx"] = str(art.codec_encoder_onnx)
+    else:
+        plan = art.codec_decoder_plan.is_file()
+        data["codec_runtime"] = "tensorrt" if plan else "onnxruntime"
+        data["codec_decoder_path"] = str(art.codec_decoder_plan if plan else art.codec_decoder_onnx)
+        data["trtllm_dir"] = str(art.trtllm_dir)
+    triton_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("triton.")}
+    for key in triton_overrides:
+        if key not in {f.name for f in dataclasses.fields(TritonSettings)}:
+            raise ValueError(f"triton.{key}: unknown setting")
+    triton = dataclasses.replace(triton, **triton_overrides)
+    for f in dataclasses.fields(TritonSettings):
+        value = getattr(triton, f.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "delay" in f.name else 1):
+            raise ValueError(f"triton.{f.name}: out of range, got {value!r}")
+    if overrides.get("runtime", data["runtime"]) == "trtllm" and any(k.startswith("engine.") for k in overrides):
+        raise ValueError("engine.*: with runtime trtllm the engine limits come from the LLM-API settings file; "
+                         "edit that file (or name another with trtllm_settings)")
+    base = ServingConfig.from_dict({k: v for k, v in data.items() if k != "engine"})
+    cfg = base.with_overrides({**{f"engine.{k}": v for k, v in data["engine"].items()},
+                               **{k: v for k, v in overrides.items() if not k.startswith("triton.")}})
+    if cfg.runtime == "trtllm":
+        cfg = dataclasses.replace(cfg, engine=trtllm_settings(cfg).engine).validate()
+    used = {"trtllm_dir": cfg.runtime == "trtllm", "codec_decoder_path": cfg.codec_runtime != "torch",
+            "codec_encoder_onnx": True}
+    for name, needed in used.items():
+        path = getattr(cfg, name)
+        if needed and path is not None and not Path(path).exists():
+            raise ValueError(f"{name}: {path} does not exist (run the export first, or override it with --set)")
+    return cfg, triton
+
+
+def render_tensors(kind: str, specs: tuple[p.TensorSpec, ...], sizes: dict[str, int],
+                   names: dict[str, str] | None = None) -> str:
+    """An ``input [...]`` / ``output [...]`` block; ``names`` renames tensors (a Triton backend's own names)."""
+    rows = []
+    for s in specs:
+        dims = ", ".join(str(sizes[d] if isinstance(d, str) else d) for d in s.dims)
+        optional = " optional: true" if s.optional and kind == "input" else ""
+        name = (names or {}).get(s.name, s.name)
+        rows.append(f'  {{ name: "{name}" data_type: {s.config_type} dims: [ {dims} ]{optional} }}')
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]"
+
+
+def _maps(pairs: list[tuple[str, str, str]]) -> str:
+    return "\n".join(f'      {kind}_map {{ key: "{key}" value: "{value}" }}' for kind, key, value in pairs)
+
+
+def _codec_io_names(cfg: ServingConfig) -> dict[str, str]:
+    """The codec's tensor names: the protocol's for the python model, the network's own otherwise."""
+    if cfg.codec_runtime not in TRITON_CODECS:
+        return {}
+    onnx_path = Path(cfg.codec_decoder_path).with_suffix(".onnx")
+    if cfg.codec_runtime == "tensorrt":   # a plan keeps the names of the ONNX it was built from
+        onnx_path = Path(cfg.codec_decoder_path).parents[1] / "onnx" / "codec_decoder.onnx"
+    names = {"CODES": "codes", "AUDIO": "audio"}
+    if onnx_path.is_file() and importlib.util.find_spec("onnx") is not None:
+        import onnx
+
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        names = {"CODES": graph.input[0].name, "AUDIO": graph.output[0].name}
+    return names
+
+
+def template_values(cfg: ServingConfig, triton: TritonSettings, sizes: dict[str, int]) -> dict[str, dict[str, str]]:
+    """Placeholder values per model."""
+    codec_names = _codec_io_names(cfg)
+    gen = [s.name for s in p.GENERATE_INPUTS]
+    common = {"serving_config": FILE_NAME, "runtime": cfg.runtime, "device": cfg.device,
+              "codec_runtime": cfg.codec_runtime, **{k: str(v) for k, v in dataclasses.asdict(triton).items()}}
+    io = {
+        p.TTS: (p.TTS_INPUTS, p.TTS_OUTPUTS), p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
+        p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS), p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS),
+        p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS), p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS),
+    }
+    values = {}
+    for model, (inputs, outputs) in io.items():
+        names = codec_names if model == p.CODEC_DECODER else None
+        values[model] = {**common, "inputs": render_tensors("input", inputs, sizes, names),
+                         "outputs": render_tensors("output", outputs, sizes, names)}
+    values[p.TTS].update(
+        preprocess_maps=_maps([("input", s.name, s.name) for s in p.TTS_INPUTS]
+                              + [("output", n, n.lower()) for n in gen]),
+        dual_ar_maps=_maps([("input", n, n.lower()) for n in gen]
+                           + [("output", "CODES", "codes"), ("output", "CHUNK_META", "chunk_meta"),
+                              ("output", "REQUEST_ID", "request_id")]),
+        postprocess_maps=_maps([("output", s.name, s.name) for s in p.TTS_OUTPUTS]),
+        codec_input=codec_names.get("CODES", "CODES"), codec_output=codec_names.get("AUDIO", "AUDIO"))
+    return values
+
+
+def generate(profile: str, checkpoint: str | Path, artifacts: str | Path, out: str | Path,
+             voices_dir: str | Path | None = None, overrides: dict[str, object] | None = None,
+             templates: str | Path = TEMPLATES) -> ServingConfig:
+    """Write the model repository; returns its serving config."""
+    checkpoint, artifacts, out, templates = Path(checkpoint), Path(artifacts), Path(out), Path(templates)
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"--checkpoint: {checkpoint} has no config.json")
+    dual_cfg, _ = load_config(checkpoint)
+    cfg, triton = serving_config(profile, checkpoint, artifacts,
+                                 Path(voices_dir) if voices_dir else artifacts / "voices", overrides or {})
+    sizes = {"rows": dual_cfg.frame_rows, "codebooks": dual_cfg.num_codebooks}
+    values = template_values(cfg, triton, sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in MODELS:
+        target = out / model
+        if target.exists():
+            shutil.rmtree(target)
+        (target / "1").mkdir(parents=True)
+        variant = f"config.{cfg.codec_runtime}.pbtxt" if model == p.CODEC_DECODER and \
+            cfg.codec_runtime in TRITON_CODECS else "config.pbtxt"
+        text = (templates / model / variant).read_text()
+        try:
+            (target / "config.pbtxt").write_text(string.Template(text).substitute(values[model]))
+        except KeyError as e:
+            raise ValueError(f"{templates / model / variant}: no value for placeholder {e}") from None
+        if model == p.CODEC_DECODER and cfg.codec_runtime in TRITON_CODECS:
+            name = "model.plan" if cfg.codec_runtime == "tensorrt" else "model.onnx"
+            (target / "1" / name).symlink_to(Path(cfg.codec_decoder_path).resolve())
+        elif model in PYTHON_MODELS:
+            shutil.copyfile(templates / model / "1" / "model.py", target / "1" / "model.py")
+    cfg.save(out / FILE_NAME)
+    return cfg
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fish_s2.serving.repository", description=__doc__.split("\n")[0])
+    ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    ap.add_argument("--checkpoint", required=True, help="upstream-format S2 checkpoint directory")
+    ap.add_argument("--artifacts", required=True, help="export output directory")
+    ap.add_argument("--out", required=True, help="model repository to write")
+    ap.add_argument("--voices-dir", help="registered voices (default: ARTIFACTS/voices)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a serving.yaml setting (engine.max_active=4) or a triton.* setting")
+    ap.add_argument("--templates", default=str(TEMPLATES))
+    args = ap.parse_args(argv)
+    try:
+        cfg = generate(args.profile, args.checkpoint, args.artifacts, args.out, args.voices_dir,
+                       _parse_overrides(args.set), args.templates)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: profile {cfg.profile}, dual_ar runtime {cfg.runtime}, codec {cfg.codec_runtime}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

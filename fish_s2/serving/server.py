@@ -1,0 +1,251 @@
+"""Start, health-check and stop a ``tritonserver`` for a model repository.
+
+On the CPU the server is the Triton 2.51 binary inside the ``nvidia-pytriton`` wheel; its python
+backend needs a backend folder holding ``libtriton_python.so``, ``triton_python_backend_utils.py``
+and the stub for this Python version (linked into ``WORKDIR/backends/python``), the wheel's
+libraries and this interpreter's ``LIBDIR`` on ``LD_LIBRARY_PATH``, and this environment's ``bin``
+first on ``PATH`` (the stub takes its Python from ``python3`` on PATH). In NVIDIA's Triton container
+pass ``tritonserver`` and ``backend_dir`` explicitly. The server binds to ``host`` (loopback by
+default).
+
+    python -m fish_s2.serving.server --repository DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback interface (bound briefly, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def pytriton_dist() -> Path:
+    """The ``tritonserver`` folder of the nvidia-pytriton wheel (found without importing pytriton)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("tritonserver: the nvidia-pytriton package is not installed (it ships the CPU "
+                                "server); in a Triton container pass the server binary instead")
+    dist = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    if not (dist / "bin" / "tritonserver").is_file():
+        raise FileNotFoundError(f"tritonserver: {dist / 'bin' / 'tritonserver'} not found")
+    return dist
+
+
+def python_backend_dir(workdir: Path) -> Path:
+    """A backend folder whose python backend uses the stub for this interpreter's version."""
+    dist = pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FileNotFoundError(f"tritonserver: no python backend stub for Python {version} in {stub.parent.parent}")
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True, exist_ok=True)
+    for src in (dist / "backends" / "python" / "libtriton_python.so",
+                dist / "backends" / "python" / "triton_python_backend_utils.py", stub):
+        link = backend / src.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(src)
+    return backend.parent
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    workdir: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    tritonserver: Path | None = None        # default: the nvidia-pytriton binary
+    backend_dir: Path | None = None         # default: built under workdir from the wheel
+    exit_timeout_s: int = 15                # upper bound; the server exits as soon as its models unload
+    log_verbose: int = 0
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.workdir) / "tritonserver.log"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        if self.tritonserver is None:
+            dist = pytriton_dist()
+            binary = dist / "bin" / "tritonserver"
+            libs = [str(dist.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+            env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+        else:
+            binary = Path(self.tritonserver)
+        backends = self.backend_dir or python_backend_dir(Path(self.workdir))
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        cmd = [str(binary), f"--model-repository={Path(self.repository).resolve()}",
+               f"--backend-directory={backends}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout_s}",
+               "--disable-auto-complete-config",      # the configs are complete; skips a stub launch per model
+               "--model-load-thread-count=8",         # load every model at once
+               f"--log-verbose={self.log_verbose}"]
+        return cmd, env
+
+    def start(self, timeout_s: float = 300.0) -> "TritonServer":
+        """Start and wait until every model is ready; on failure stop it and raise with the log's tail."""
+        Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        cmd, env = self.command()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.ready():
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"tritonserver exited with {self._proc.returncode}; log {self.log_path}:\n"
+                                       f"{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
+                                       f"{self.log_tail()}")
+                time.sleep(0.25)
+        except BaseException:   # a failed start or Ctrl-C leaves no server behind
+            self.stop()
+            raise
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests up to its exit timeout), then SIGKILL the process
+        group this object started."""
+        if self._proc is None:
+            return None
+        proc, self._proc = self._proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout_s if timeout_s is not None else self.exit_timeout_s + 20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def wait(self) -> int | None:
+        """Block until the server exits (its return code), or None if it is not running."""
+        return None if self._proc is None else self._proc.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fish_s2.serving.server", description="run tritonserver until Ctrl-C")
+    ap.add_argument("--repository", required=True)
+    ap.add_argument("--workdir", default=None, help="logs and backend links (default: REPOSITORY/../triton-run)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--tritonserver", help="server binary (default: the nvidia-pytriton one)")
+    ap.add_argument("--backend-dir", help="Triton backends folder (default: the nvidia-pytriton python backend)")
+    args = ap.parse_args(argv)
+    repo = Path(args.repository)
+    server = TritonServer(repo, Path(args.workdir or repo.resolve().parent / "triton-run"), args.http_port,
+                          args.grpc_port, args.metrics_port, args.host,
+                          Path(args.tritonserver) if args.tritonserver else None,
+                          Path(args.backend_dir) if args.backend_dir else None)
+    return serve_until_interrupted(server)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def serve_until_interrupted(server: TritonServer, sidecars: Sequence = ()) -> int:
+    """Start (health-checked), run until Ctrl-C or SIGTERM, stop cleanly; the exit status.
+
+    ``sidecars`` (objects with ``start()``/``stop()``, e.g. the OpenAI endpoint) start once Triton is
+    ready and stop before it."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"starting tritonserver (log: {server.log_path})", flush=True)
+    started = []
+    try:
+        server.start()
+        for sidecar in sidecars:
+            started.append(sidecar.start())
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        for sidecar in started:
+            sidecar.stop()
+        server.stop()
+        return 1
+    except KeyboardInterrupt:
+        for sidecar in started:
+            sidecar.stop()
+        server.stop()
+        return 130
+    print(f"ready: gRPC {server.grpc_url}, HTTP {server.host}:{server.http_port}, metrics {server.metrics_url}"
+          + "".join(f", {s}" for s in started) + "; Ctrl-C stops it", flush=True)
+    try:
+        code = server.wait()
+        print(f"error: tritonserver exited with {code}; log {server.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+        for sidecar in started:
+            sidecar.stop()
+        return 0 if server.stop() in (0, None) else 1
+    finally:
+        for sidecar in started:
+            sidecar.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

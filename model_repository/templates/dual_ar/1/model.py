@@ -1,0 +1,102 @@
+"""dual_ar: hosts one batched Dual-AR engine for every concurrent request (decoupled).
+
+Inputs: a generation request from preprocess (PROMPT [rows, T], PREFIX_LEN, TEMPERATURE, TOP_P,
+TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS), or STOP alone, which cancels every
+running request of the same Triton request id. Outputs, one response per code chunk: CODES
+[codebooks, context + n], CHUNK_META (index, context frames, format code, start ns), REQUEST_ID
+(server-generated). Every request ends with exactly one FINAL response (empty, or carrying the error).
+
+``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
+the dispatcher's response thread sends. Cancellation: the engine polls each request's response
+sender (direct calls) and STOP requests (ensembles do not pass cancellation to a running step).
+"""
+
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from fish_s2.engine import ChunkEvent, EngineRequest, collect
+from fish_s2.prompt import PromptBuilder
+from fish_s2.sampling import SamplingParams
+from fish_s2.serving import protocol
+from fish_s2.serving.adapter import check_io, error_response, getter, load_settings, output_tensors
+from fish_s2.serving.dispatch import Dispatcher
+from fish_s2.serving.metrics import EngineMetrics
+from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side
+from fish_s2.serving.voices import VoiceRegistry, build_prompt
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config, self.cfg = load_settings(args)
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("dual_ar: config.pbtxt must set model_transaction_policy { decoupled: true }")
+        check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
+        configure_threads(self.cfg)
+        self.engine = build_engine(self.cfg)
+        self.metrics = EngineMetrics(pb_utils)
+        self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
+        self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
+        self._warm_thread.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                gen = protocol.parse_generate_request(getter(pb_utils, request))
+                if gen is None:
+                    self.dispatch.stop(request.request_id())
+                    sender.send(flags=FINAL)
+                    continue
+                req = EngineRequest(torch.from_numpy(gen.prompt), gen.params, max_frames=gen.max_frames,
+                                    prefix_len=gen.prefix_len, chunk_plan=gen.chunk_plan,
+                                    is_cancelled=sender.is_cancelled)
+                self.dispatch.submit(req, request.request_id(), (sender, gen.format_code, gen.start_ns))
+            except Exception as e:  # RequestError -> INVALID_ARG, EngineBusy -> UNAVAILABLE
+                sender.send(error_response(pb_utils, e), flags=FINAL)
+        self.metrics.update(self.engine.stats())
+        return None
+
+    def _respond(self, stream, event):
+        sender, format_code, start_ns = stream.context
+        if isinstance(event, ChunkEvent):
+            chunk = event.chunk
+            meta = protocol.ChunkMeta(chunk.index, chunk.context, format_code, start_ns)
+            outputs = {"CODES": chunk.codes.numpy().astype(np.int64), "CHUNK_META": meta.pack(),
+                       "REQUEST_ID": np.array([stream.request_id.encode()], dtype=np.object_)}
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors(pb_utils, outputs)))
+            except Exception:  # the client is gone: stop generating for it
+                self.engine.cancel(stream.request_id)
+                raise
+            return
+        response = None
+        try:
+            if event.reason == "error":
+                response = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"dual_ar: {event.error}", pb_utils.TritonError.INTERNAL))
+        finally:
+            sender.send(response, flags=FINAL)
+
+    def _warm_registered_voices(self):
+        """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""
+        dual_cfg, tokenizer = load_text_side(self.cfg)
+        builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        for voice in VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks).list():
+            prompt, prefix_len = build_prompt(builder, "", [voice.reference()])
+            warm = EngineRequest(prompt, SamplingParams(), max_frames=1, prefix_len=prefix_len)
+            try:
+                collect(self.engine.submit(warm))
+            except Exception as e:  # warming is an optimisation; a busy or stopping engine skips it
+                pb_utils.Logger.log_warn(f"dual_ar: could not warm voice {voice.voice_id!r}: {e}")
+                return
+            self.metrics.update(self.engine.stats())
+
+    def finalize(self):
+        self.engine.stop()        # every live request gets its Finished event (-> FINAL response)
+        self.dispatch.close()
+        self._warm_thread.join(5)

@@ -1,0 +1,59 @@
+"""preprocess: validate a tts request, resolve its voice, build its prompt.
+
+Inputs: the tts inputs (TEXT; VOICE_ID, or REFERENCE_AUDIO + REFERENCE_SAMPLE_RATE +
+REFERENCE_TEXT; TEMPERATURE, TOP_P, TOP_K, SEED, MAX_FRAMES; FIRST_CHUNK_FRAMES, CHUNK_FRAMES,
+CONTEXT_FRAMES; SAMPLE_FORMAT), all but TEXT optional. Outputs: a complete generation request for
+dual_ar (PROMPT [rows, T], PREFIX_LEN = the voice's system block, the resolved sampling and chunk
+settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error naming the field.
+"""
+
+import time
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from fish_s2.engine import RequestError
+from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.serving import protocol
+from fish_s2.serving.adapter import check_io, error_response, getter, load_settings, output_tensors
+from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
+from fish_s2.serving.voices import VoiceRegistry, build_prompt
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config, self.cfg = load_settings(args)
+        check_io(model_config, protocol.TTS_INPUTS, protocol.GENERATE_INPUTS)
+        configure_threads(self.cfg)
+        dual_cfg, tokenizer = load_text_side(self.cfg)
+        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        self.voices = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
+        self.encoder = ReferenceEncoder(self.cfg)
+        engine = self.cfg.engine
+        self.limits = protocol.Limits(self.cfg.max_text_bytes, engine.max_frames, self.cfg.max_reference_seconds,
+                                      engine.chunk_plan)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            start_ns = time.monotonic_ns()
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors(pb_utils, self._prepare(request, start_ns))))
+            except Exception as e:
+                responses.append(error_response(pb_utils, e))
+        return responses
+
+    def _prepare(self, request, start_ns: int) -> dict:
+        req = protocol.parse_tts_request(getter(pb_utils, request), self.limits)
+        if req.voice_id is not None:
+            references = [self.voices.get(req.voice_id).reference()]
+        elif req.reference is not None:
+            codes = self.encoder(req.reference.audio, req.reference.sample_rate)
+            references = [Reference(req.reference.text, torch.from_numpy(codes))]
+        else:
+            references = []
+        prompt, prefix_len = build_prompt(self.builder, req.text, references)
+        limit = self.cfg.engine.max_prompt_tokens
+        if prompt.shape[1] > limit:
+            raise RequestError(f"text: the prompt (voice and text) is {prompt.shape[1]} tokens, the limit is {limit}")
+        return protocol.generate_tensors(prompt.numpy(), prefix_len, req, start_ns)

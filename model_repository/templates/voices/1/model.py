@@ -1,0 +1,68 @@
+"""voices: register, list and delete voices.
+
+Inputs: ACTION ("register" | "list" | "delete"); VOICE_ID for register and delete; REFERENCE_AUDIO
+(float32 mono), REFERENCE_SAMPLE_RATE and REFERENCE_TEXT for register. Output VOICES: one JSON
+object (voice_id, text, frames) per voice registered, listed or deleted. Registration encodes the
+reference, stores its codes under the voices folder and warms the engine's prefix cache with the
+voice's system block (a one-frame request to dual_ar). Ids are checked against a strict pattern
+before any path is built; bad input gets INVALID_ARG, an unknown id NOT_FOUND, a taken one
+ALREADY_EXISTS.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from fish_s2.prompt import PromptBuilder
+from fish_s2.sampling import SamplingParams
+from fish_s2.serving import protocol
+from fish_s2.serving.adapter import check_io, error_response, getter, load_settings
+from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
+from fish_s2.serving.voices import VoiceRegistry, build_prompt
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        model_config, self.cfg = load_settings(args)
+        check_io(model_config, protocol.VOICES_INPUTS, protocol.VOICES_OUTPUTS)
+        configure_threads(self.cfg)
+        dual_cfg, tokenizer = load_text_side(self.cfg)
+        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        self.registry = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
+        self.encoder = ReferenceEncoder(self.cfg)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                voices = self._handle(protocol.parse_voice_request(getter(pb_utils, request),
+                                                                   self.cfg.max_reference_seconds))
+                out = np.array([json.dumps(v).encode() for v in voices], dtype=np.object_)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("VOICES", out)]))
+            except Exception as e:
+                responses.append(error_response(pb_utils, e))
+        return responses
+
+    def _handle(self, req: protocol.VoiceRequest) -> list[dict]:
+        if req.action == "list":
+            return [v.info() for v in self.registry.list()]
+        if req.action == "delete":
+            self.registry.delete(req.voice_id)
+            return [{"voice_id": req.voice_id, "deleted": True}]
+        ref = req.reference
+        voice = self.registry.add(req.voice_id, ref.text, self.encoder(ref.audio, ref.sample_rate))
+        self._warm(voice)
+        return [voice.info()]
+
+    def _warm(self, voice) -> None:
+        """One frame through dual_ar with the voice's prompt: its prefix KV lands in the engine's cache."""
+        prompt, prefix_len = build_prompt(self.builder, "", [voice.reference()])
+        req = protocol.TTSRequest("", None, None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
+        tensors = protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0)
+        bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,
+                                        inputs=[pb_utils.Tensor(k, v) for k, v in tensors.items()],
+                                        requested_output_names=["CHUNK_META"])
+        for response in bls.exec(decoupled=True):
+            if response.has_error():
+                pb_utils.Logger.log_warn(f"voices: warming {voice.voice_id!r} failed: {response.error().message()}")

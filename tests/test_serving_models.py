@@ -1,0 +1,309 @@
+"""The python-backend models' lifecycles against a fake ``triton_python_backend_utils`` and fake
+engines/codecs: execute only hands off, every request gets exactly one FINAL response, STOP and
+broken clients free engine slots, metrics follow the engine."""
+
+import importlib.util
+import json
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from fish_s2.engine import ChunkEvent, EngineBusy, Finished, RequestError
+from fish_s2.serving import metrics
+from fish_s2.serving import protocol as p
+from fish_s2.serving.dispatch import Dispatcher
+from fish_s2.serving.repository import TEMPLATES, generate
+from fish_s2.streaming import CodeChunk
+
+FINAL = 1
+
+
+# ------------------------------------------------------------------ a fake triton_python_backend_utils
+
+class TritonError(Exception):
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, msg, code=0):
+        super().__init__(msg)
+        self.msg, self.code = msg, code
+
+    def message(self):
+        return self.msg
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.outputs = {t.name(): t.as_numpy() for t in output_tensors or []}
+        self.error = error
+
+
+class FakeMetric:
+    def __init__(self, buckets=None):
+        self.buckets, self.value, self.observed = buckets, 0, []
+
+    def increment(self, v):
+        self.value += v
+
+    def set(self, v):
+        self.value = v
+
+    def observe(self, v):
+        self.observed.append(v)
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+    created = {}
+
+    def __init__(self, name, description, kind):
+        self.name, self.kind = name, kind
+
+    def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
+        metric = MetricFamily.created[self.name] = FakeMetric(buckets)
+        return metric
+
+
+def _fake_pb_utils():
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
+    pb.MetricFamily = MetricFamily
+    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    pb.using_decoupled_model_transaction_policy = lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled")
+    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None)
+    return pb
+
+
+class Sender:
+    def __init__(self, fail_first_send=False):
+        self.responses, self.finals, self.done = [], [], threading.Event()
+        self.fail_first_send = fail_first_send
+        self.cancelled = False
+
+    def send(self, response=None, flags=0):
+        if self.fail_first_send:
+            self.fail_first_send = False
+            raise RuntimeError("client gone")
+        (self.finals if flags & FINAL else self.responses).append(response)
+        if flags & FINAL:
+            self.done.set()
+
+    def is_cancelled(self):
+        return self.cancelled
+
+
+class Request:
+    def __init__(self, inputs, request_id="", sender=None):
+        self.inputs = {k: Tensor(k, v) for k, v in inputs.items()}
+        self._id, self.sender = request_id, sender or Sender()
+
+    def request_id(self):
+        return self._id
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class FakeEngine:
+    """Records submissions; the test plays the engine's events through each request's sink."""
+
+    def __init__(self, busy=False):
+        self.sinks, self.requests, self.cancelled, self.busy, self.stopped = {}, {}, [], busy, False
+
+    def submit(self, req, sink=None):
+        if self.busy:
+            raise EngineBusy("queue full")
+        if req.prompt.shape[0] != 11:
+            raise RequestError("prompt: expected [11, T]")
+        self.sinks[req.request_id], self.requests[req.request_id] = sink, req
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+        if request_id in self.sinks:
+            self.sinks.pop(request_id)(Finished(request_id, "cancelled", 0))
+
+    def emit(self, request_id, event):
+        self.sinks[request_id](event)
+        if isinstance(event, Finished):
+            del self.sinks[request_id]
+
+    def stats(self):
+        return {"active": len(self.sinks), "queued": 0, "frames_generated": 5 * len(self.requests),
+                "prefix_cache": {"hits": 2, "misses": 1}}
+
+    def stop(self):
+        self.stopped = True
+        for request_id in list(self.sinks):
+            self.sinks.pop(request_id)(Finished(request_id, "cancelled", 0))
+
+
+# ------------------------------------------------------------------ loading a model.py the way Triton does
+
+@pytest.fixture(scope="module")
+def repo(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo")
+    generate("cpu", tiny_checkpoint, out / "art", out / "repo")
+    return out / "repo"
+
+
+def _load(monkeypatch, repo, model, **patches):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATES / model / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, value in patches.items():
+        monkeypatch.setattr(module, name, value)
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(repo / model)}
+    instance = module.TritonPythonModel()
+    instance.initialize(args)
+    return instance
+
+
+def _generate_inputs(fmt="int16", start_ns=42, rows=11):
+    req = p.TTSRequest("x", None, None, p.SamplingParams(seed=3), 20, p.ChunkPlan(2, 3, 1), fmt)
+    return p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns)
+
+
+def _chunk(request_id, index, frames=3, context=1):
+    return ChunkEvent(request_id, CodeChunk(index, torch.arange(10 * (frames + context)).view(10, -1), context), 0.1)
+
+
+@pytest.fixture()
+def dual_ar(monkeypatch, repo):
+    engine = FakeEngine()
+    model = _load(monkeypatch, repo, "dual_ar", build_engine=lambda cfg: engine)
+    yield model, engine
+    model.finalize()
+
+
+def test_dual_ar_streams_chunks_then_one_final(dual_ar):
+    model, engine = dual_ar
+    request = Request(_generate_inputs(), "client-1")
+    assert model.execute([request]) is None                  # execute only hands off
+    (rid, req), = engine.requests.items()
+    assert req.params.seed == 3 and req.max_frames == 20 and req.prefix_len == 4
+    assert req.chunk_plan == p.ChunkPlan(2, 3, 1) and req.is_cancelled() is False
+    engine.emit(rid, _chunk(rid, 0))
+    engine.emit(rid, _chunk(rid, 1))
+    engine.emit(rid, Finished(rid, "stop", 6))
+    assert request.sender.done.wait(5)
+    assert [r.outputs["CHUNK_META"][0] for r in request.sender.responses] == [0, 1]
+    meta = p.ChunkMeta.unpack(request.sender.responses[0].outputs["CHUNK_META"])
+    assert (meta.context_frames, p.SAMPLE_FORMATS[meta.format_code], meta.start_ns) == (1, "int16", 42)
+    assert request.sender.responses[0].outputs["CODES"].shape == (10, 4)
+    assert request.sender.responses[0].outputs["REQUEST_ID"][0].decode() == rid   # server-generated
+    assert request.sender.finals == [None] and model.dispatch.live() == 0
+
+
+def test_dual_ar_bad_and_busy_requests_get_one_error_final(dual_ar, monkeypatch):
+    model, engine = dual_ar
+    missing = _generate_inputs()
+    del missing["PROMPT"]
+    wrong_rows = Request(_generate_inputs(rows=5))
+    requests = [Request(missing), wrong_rows]
+    model.execute(requests)
+    for r, field in zip(requests, ("prompt", "prompt")):
+        (final,) = r.sender.finals
+        assert final.error.code == TritonError.INVALID_ARG and final.error.message().startswith(f"{field}:")
+    engine.busy = True
+    busy = Request(_generate_inputs())
+    model.execute([busy])
+    assert busy.sender.finals[0].error.code == TritonError.UNAVAILABLE
+    assert model.dispatch.live() == 0
+
+
+def test_stop_cancels_the_requests_of_one_triton_id(dual_ar):
+    model, engine = dual_ar
+    mine, other = Request(_generate_inputs(), "abc"), Request(_generate_inputs(), "xyz")
+    model.execute([mine, other])
+    stop = Request({"STOP": np.array([True])}, "abc")
+    model.execute([stop])
+    assert stop.sender.finals == [None] and mine.sender.done.wait(5)
+    assert mine.sender.finals == [None] and not other.sender.done.is_set()
+    assert len(engine.cancelled) == 1
+
+
+def test_engine_error_and_broken_client(dual_ar):
+    model, engine = dual_ar
+    failing, broken = Request(_generate_inputs()), Request(_generate_inputs(), sender=Sender(fail_first_send=True))
+    model.execute([failing, broken])
+    rid_fail, rid_broken = list(engine.requests)
+    engine.emit(rid_fail, Finished(rid_fail, "error", 0, "decode step failed: boom"))
+    assert failing.sender.done.wait(5)
+    assert "boom" in failing.sender.finals[0].error.message()
+    engine.emit(rid_broken, _chunk(rid_broken, 0))          # the send fails: the engine is told to cancel
+    assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken] and broken.sender.finals == [None]
+
+
+def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
+    model, engine = dual_ar
+    pending = [Request(_generate_inputs()) for _ in range(3)]
+    model.execute(pending)
+    assert MetricFamily.created[metrics.ACTIVE.name].value == 3
+    assert MetricFamily.created[metrics.PREFIX_HITS.name].value == 2
+    model.finalize()
+    assert engine.stopped and all(r.sender.finals == [None] for r in pending)
+
+
+def test_dispatcher_forgets_a_request_whose_submit_failed():
+    engine = FakeEngine(busy=True)
+    dispatch = Dispatcher(engine, lambda stream, event: None)
+    with pytest.raises(EngineBusy):
+        dispatch.submit(types.SimpleNamespace(request_id="r1"), "c", None)
+    assert dispatch.live() == 0 and dispatch.stop("c") == 0
+    dispatch.close()
+
+
+def test_postprocess_trims_context_and_formats(monkeypatch, repo):
+    model = _load(monkeypatch, repo, "postprocess")
+    fl = model.frame_length
+    decoded = np.linspace(-1.5, 1.5, 5 * fl, dtype=np.float32)
+    rid = np.array([b"r1"], dtype=object)
+    reqs = [Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(0, 2, 1, 0).pack(), "REQUEST_ID": rid}),
+            Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(1, 2, 0, 0).pack(), "REQUEST_ID": rid})]
+    first, second = model.execute(reqs)
+    assert first.outputs["AUDIO"].size == 0
+    assert np.array_equal(first.outputs["AUDIO_INT16"], p.to_pcm16(decoded[2 * fl:]))
+    assert np.array_equal(second.outputs["AUDIO"], decoded[2 * fl:]) and second.outputs["AUDIO_INT16"].size == 0
+    assert second.outputs["CHUNK_INDEX"].tolist() == [1] and first.outputs["SAMPLE_RATE"].tolist() == [44100]
+    assert len(MetricFamily.created[metrics.TTFA.name].observed) == 1    # chunk 0 only
+
+
+def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
+    calls = []
+
+    class Decoder:
+        frame_length = 4
+
+        def decode(self, codes):
+            calls.append(codes.shape)
+            if codes.shape[2] == 7:
+                raise RuntimeError("bad chunk")
+            return np.repeat(codes[:, 0, :].astype(np.float32), 4, axis=1)
+
+    model = _load(monkeypatch, repo, "codec_decoder", build_codec_decoder=lambda cfg: Decoder())
+    codes = [np.full((1, 10, f), i) for i, f in enumerate((3, 5, 3, 7))]
+    out = model.execute([Request({"CODES": c}) for c in codes])
+    assert sorted(calls) == [(1, 10, 5), (1, 10, 7), (2, 10, 3)]
+    for i in (0, 1, 2):
+        assert np.array_equal(out[i].outputs["AUDIO"], np.full((1, 4 * codes[i].shape[2]), i, np.float32))
+    assert out[3].error.code == TritonError.INTERNAL and "bad chunk" in out[3].error.message()

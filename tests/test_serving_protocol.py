@@ -1,0 +1,133 @@
+"""The request contract: what a client builds is what preprocess accepts; bad fields are named."""
+
+import numpy as np
+import pytest
+
+from fish_s2.engine import RequestError
+from fish_s2.sampling import SamplingParams
+from fish_s2.serving import protocol as p
+from fish_s2.streaming import ChunkPlan
+
+LIMITS = p.Limits(max_text_bytes=64, max_frames=100, max_reference_seconds=2.0,
+                  chunk_plan=ChunkPlan(first_frames=6, chunk_frames=25, context_frames=25))
+
+
+def _get(arrays):
+    return lambda name: arrays.get(name)
+
+
+def _parse(text="Hello.", **fields):
+    return p.parse_tts_request(_get(p.tts_inputs(text, **fields)), LIMITS)
+
+
+def test_defaults_are_filled_from_one_place():
+    req = _parse()
+    assert req.params == SamplingParams()
+    assert req.max_frames == LIMITS.max_frames and req.chunk_plan == LIMITS.chunk_plan
+    assert req.sample_format == "float32" and req.voice_id is None and req.reference is None
+
+
+def test_client_fields_reach_the_request():
+    audio = np.linspace(-0.5, 0.5, 16000, dtype=np.float32)
+    req = _parse("Hi [laugh] there.", reference_audio=audio, reference_sample_rate=16000, reference_text="Ref.",
+                 temperature=0.5, top_p=0.7, top_k=12, seed=-3, max_frames=40, first_chunk_frames=2,
+                 chunk_frames=5, context_frames=0, sample_format="int16")
+    assert req.text == "Hi [laugh] there." and req.sample_format == "int16" and req.max_frames == 40
+    assert req.params == SamplingParams(temperature=0.5, top_p=pytest.approx(0.7), top_k=12, seed=-3)
+    assert req.chunk_plan == ChunkPlan(2, 5, 0)
+    assert req.reference.sample_rate == 16000 and req.reference.text == "Ref."
+    assert np.array_equal(req.reference.audio, audio)
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(text="  "), "text"),
+    (dict(text="x" * 65), "text"),
+    (dict(temperature=2.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_frames=0), "max_frames"),
+    (dict(max_frames=101), "max_frames"),
+    (dict(first_chunk_frames=0), "first_chunk_frames"),
+    (dict(chunk_frames=101), "chunk_frames"),
+    (dict(context_frames=-1), "context_frames"),
+    (dict(sample_format="mp3"), "sample_format"),
+    (dict(voice_id="../etc"), "voice_id"),
+    (dict(voice_id="a/b"), "voice_id"),
+    (dict(voice_id="x" * 65), "voice_id"),
+    (dict(voice_id="-lead"), "voice_id"),
+    (dict(voice_id="alice", reference_audio=np.zeros(10), reference_sample_rate=16000, reference_text="t"),
+     "voice_id"),
+    (dict(reference_audio=np.zeros(10), reference_sample_rate=16000), "reference_text"),
+    (dict(reference_text="t", reference_sample_rate=16000), "reference_audio"),
+    (dict(reference_audio=np.zeros(10), reference_sample_rate=1000, reference_text="t"), "reference_sample_rate"),
+    (dict(reference_audio=np.zeros(0), reference_sample_rate=16000, reference_text="t"), "reference_audio"),
+    (dict(reference_audio=np.zeros(40000), reference_sample_rate=16000, reference_text="t"), "reference_audio"),
+    (dict(reference_audio=np.full(10, np.inf), reference_sample_rate=16000, reference_text="t"), "reference_audio"),
+    (dict(reference_audio=np.zeros(10), reference_sample_rate=16000, reference_text=" "), "reference_text"),
+])
+def test_bad_fields_are_named(fields, field):
+    text = fields.pop("text", "Hello.")
+    with pytest.raises(RequestError, match=f"^{field}:"):
+        _parse(text, **fields)
+
+
+def test_malformed_tensors_are_named():
+    arrays = p.tts_inputs("Hello.")
+    with pytest.raises(RequestError, match="^text: not valid UTF-8"):
+        p.parse_tts_request(_get({"TEXT": np.array([b"\xff\xfe"], dtype=object)}), LIMITS)
+    with pytest.raises(RequestError, match=r"^top_k: expected one value"):
+        p.parse_tts_request(_get({**arrays, "TOP_K": np.array([1, 2], np.int32)}), LIMITS)
+    with pytest.raises(RequestError, match="^text: required"):
+        p.parse_tts_request(_get({}), LIMITS)
+
+
+def test_client_arrays_match_the_specs():
+    arrays = p.tts_inputs("Hi", voice_id="v", reference_audio=[0.0, 0.1], seed=5, sample_format="int16")
+    specs = {s.name: s for s in p.TTS_INPUTS}
+    assert set(arrays) == {"TEXT", "VOICE_ID", "REFERENCE_AUDIO", "SEED", "SAMPLE_FORMAT"}
+    for name, a in arrays.items():
+        assert a.dtype == np.dtype(specs[name].dtype) and a.ndim == 1
+    assert specs["SEED"].wire_type == "INT64" and specs["TEXT"].config_type == "TYPE_STRING"
+
+
+def test_generate_tensors_round_trip():
+    req = _parse("Hello.", temperature=0.3, seed=7, max_frames=9, first_chunk_frames=3, sample_format="int16")
+    prompt = np.arange(22, dtype=np.int64).reshape(11, 2)
+    tensors = p.generate_tensors(prompt, 1, req, 123)
+    assert set(tensors) == {s.name for s in p.GENERATE_INPUTS}
+    gen = p.parse_generate_request(_get(tensors))
+    assert np.array_equal(gen.prompt, prompt) and gen.prefix_len == 1 and gen.start_ns == 123
+    # float32 on the wire, as the engine's per-row sampling buffers hold them
+    assert np.float32(gen.params.top_p) == np.float32(req.params.top_p) and gen.params.seed == 7
+    assert gen.max_frames == 9 and gen.chunk_plan == req.chunk_plan
+    assert p.SAMPLE_FORMATS[gen.format_code] == "int16"
+
+
+def test_stop_requests():
+    assert p.parse_generate_request(_get({"STOP": np.array([True])})) is None
+    with pytest.raises(RequestError, match="^stop:"):
+        p.parse_generate_request(_get({"STOP": np.array([True]), "SEED": np.array([1], np.int64)}))
+    tensors = p.generate_tensors(np.zeros((11, 3), np.int64), 0, _parse(), 0)
+    del tensors["TOP_P"]
+    with pytest.raises(RequestError, match="^top_p: required"):
+        p.parse_generate_request(_get(tensors))
+
+
+def test_chunk_meta_and_pcm16():
+    meta = p.ChunkMeta(3, 25, 1, 1 << 60)
+    assert p.ChunkMeta.unpack(meta.pack()) == meta
+    assert p.to_pcm16(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0])).tolist() == [-32767, -32767, 0, 16384, 32767, 32767]
+
+
+def test_voice_requests():
+    get = lambda **kw: _get(p.voice_inputs(**kw))  # noqa: E731
+    assert p.parse_voice_request(get(action="list"), 2.0).action == "list"
+    req = p.parse_voice_request(get(action="register", voice_id="bob_2", reference_audio=np.zeros(100),
+                                    reference_sample_rate=16000, reference_text="Hi."), 2.0)
+    assert req.voice_id == "bob_2" and req.reference.text == "Hi."
+    for kw, field in [(dict(action="rename"), "action"), (dict(action="delete"), "voice_id"),
+                      (dict(action="delete", voice_id="a\\b"), "voice_id"),
+                      (dict(action="register", voice_id="bob"), "reference_audio")]:
+        with pytest.raises(RequestError, match=f"^{field}:"):
+            p.parse_voice_request(get(**kw), 2.0)

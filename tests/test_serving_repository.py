@@ -1,0 +1,149 @@
+"""The repository generator: every config parses, the ensemble's wiring is consistent with the models
+it connects, the settings file round-trips, and overrides and bad settings are checked."""
+
+import json
+
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from fish_s2.serving import protocol as p
+from fish_s2.serving.adapter import check_io
+from fish_s2.serving.config import FILE_NAME, ServingConfig
+from fish_s2.serving.repository import MODELS, PYTHON_MODELS, generate, main
+from fish_s2.trtllm.settings import DEFAULT_PATH, load_settings
+
+PROTOCOL_IO = {p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS), p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
+               p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS), p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS),
+               p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS)}
+
+
+def _configs(repo):
+    return {m: text_format.Parse((repo / m / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            for m in MODELS}
+
+
+def _check_ensemble(configs):
+    """Every mapped name exists on its model, every consumed tensor is produced earlier with the same type."""
+    tts = configs[p.TTS]
+    available = {t.name: t.data_type for t in tts.input}
+    for step in tts.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        inputs = {t.name: t for t in model.input}
+        outputs = {t.name: t for t in model.output}
+        for key, value in step.input_map.items():
+            assert key in inputs, (step.model_name, key)
+            assert value in available, (step.model_name, value)
+            assert available[value] == inputs[key].data_type, (step.model_name, key)
+        required = {n for n, t in inputs.items() if not t.optional}
+        assert required <= set(step.input_map), (step.model_name, required - set(step.input_map))
+        for key, value in step.output_map.items():
+            assert key in outputs, (step.model_name, key)
+            available[value] = outputs[key].data_type
+    for out in tts.output:
+        assert available.get(out.name) == out.data_type, out.name
+
+
+def test_cpu_repository(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    cfg = generate("cpu", tiny_checkpoint, tmp_path / "art", repo, overrides={"engine.max_active": 3})
+    configs = _configs(repo)
+    _check_ensemble(configs)
+    for model in PYTHON_MODELS:
+        assert configs[model].backend == "python" and (repo / model / "1" / "model.py").is_file()
+        as_dict = json_format.MessageToDict(configs[model], preserving_proto_field_name=True)
+        check_io(as_dict, *PROTOCOL_IO[model])             # what each model checks when it loads
+        assert configs[model].parameters["serving_config"].string_value == FILE_NAME
+    assert configs[p.DUAL_AR].model_transaction_policy.decoupled
+    dims = {t.name: list(t.dims) for t in configs[p.DUAL_AR].input}
+    assert dims["PROMPT"] == [11, -1]                       # rows from the checkpoint (10 codebooks + 1)
+    codec = configs[p.CODEC_DECODER]
+    assert codec.max_batch_size == 8 and codec.dynamic_batching.preserve_ordering
+    loaded = ServingConfig.load(repo / FILE_NAME)
+    assert loaded == cfg and loaded.engine.max_active == 3 and loaded.codec_runtime == "torch"
+    assert loaded.voices_dir == str((tmp_path / "art" / "voices").resolve())
+
+
+def test_regenerating_replaces_the_models(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    generate("cpu", tiny_checkpoint, tmp_path, repo)
+    (repo / p.DUAL_AR / "1" / "stale.py").write_text("")
+    generate("cpu", tiny_checkpoint, tmp_path, repo, overrides={"triton.codec_max_batch": 2})
+    assert not (repo / p.DUAL_AR / "1" / "stale.py").exists()
+    assert _configs(repo)[p.CODEC_DECODER].max_batch_size == 2
+
+
+def _onnx_identity(path, inp, out):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", [inp], [out])], "g",
+                              [helper.make_tensor_value_info(inp, TensorProto.INT64, [None, 10, None])],
+                              [helper.make_tensor_value_info(out, TensorProto.INT64, [None, 10, None])])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_gpu_repository(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    art = tmp_path / "art"
+    (art / "trtllm").mkdir(parents=True)
+    _onnx_identity(art / "onnx" / "codec_decoder.onnx", "codes_in", "audio_out")
+    repo = tmp_path / "repo"
+    cfg = generate("gpu", tiny_checkpoint, art, repo)        # no plan yet: ONNX Runtime backend
+    assert (cfg.runtime, cfg.codec_runtime, cfg.device) == ("trtllm", "onnxruntime", "cuda")
+    assert cfg.engine == load_settings(DEFAULT_PATH).engine    # the limits the TensorRT-LLM engine has
+    with pytest.raises(ValueError, match="engine.*LLM-API settings"):
+        generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.max_frames": 10})
+    torch_cfg = generate("gpu", tiny_checkpoint, art, tmp_path / "torch", overrides={"runtime": "torch"})
+    assert torch_cfg.engine.max_active == 32                  # the gpu profile's own engine settings
+    configs = _configs(repo)
+    _check_ensemble(configs)
+    codec = configs[p.CODEC_DECODER]
+    assert codec.backend == "onnxruntime" and [t.name for t in codec.input] == ["codes_in"]
+    assert (repo / p.CODEC_DECODER / "1" / "model.onnx").resolve() == (art / "onnx" / "codec_decoder.onnx").resolve()
+    (art / "trt").mkdir()
+    (art / "trt" / "codec_decoder.plan").write_bytes(b"plan")
+    cfg = generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.codec_max_batch": 64})
+    codec = _configs(repo)[p.CODEC_DECODER]
+    assert cfg.codec_runtime == "tensorrt" and codec.platform == "tensorrt_plan" and codec.max_batch_size == 64
+    assert [t.name for t in codec.output] == ["audio_out"]   # names of the network the plan was built from
+    assert (repo / p.CODEC_DECODER / "1" / "model.plan").is_symlink()
+    assert not (repo / p.CODEC_DECODER / "1" / "model.py").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"engine.max_activ": 3}, "engine.max_activ: unknown setting"),
+    ({"engine.max_active": "many"}, "engine.max_active: expected int"),
+    ({"engine.chunk_plan.first_frames": 0}, "first_frames: must be in"),
+    ({"runtime": "trtllm"}, "runtime: the cpu profile needs 'torch'"),
+    ({"codec_runtime": "onnx"}, "codec_decoder_path: required"),
+    ({"codec_runtime": "tensorrt"}, "codec_runtime: expected one of"),
+    ({"triton.codec_instances": 0}, "triton.codec_instances: out of range"),
+    ({"triton.nope": 1}, "triton.nope: unknown setting"),
+])
+def test_bad_settings_are_named(tiny_checkpoint, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        generate("cpu", tiny_checkpoint, tmp_path, tmp_path / "repo", overrides=overrides)
+
+
+def test_cli(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "repo"
+    assert main(["--profile", "cpu", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path),
+                 "--out", str(out), "--set", "engine.max_frames=64", "--set", "threads=1"]) == 0
+    assert ServingConfig.load(out / FILE_NAME).engine.max_frames == 64
+    assert main(["--profile", "cpu", "--checkpoint", str(tmp_path), "--artifacts", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    assert main(["--profile", "cpu", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(tmp_path),
+                 "--out", str(out), "--set", "gpu"]) == 2
+
+
+def test_serving_config_file_errors(tmp_path):
+    path = tmp_path / FILE_NAME
+    path.write_text(json.dumps({"checkpoint": "c", "voices_dir": "v", "colour": 1}))
+    with pytest.raises(ValueError, match="colour: unknown setting"):
+        ServingConfig.load(path)
+    path.write_text("- a list")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        ServingConfig.load(path)

@@ -1,0 +1,250 @@
+"""Against a real Triton server (the CPU profile's repository, tiny checkpoint, free ports): streaming
+equals the in-process engine, concurrency, voices, cancellation, bad input, metrics, restart, the
+say CLI and the demo. One server for the module (restarted once, to show voices persist)."""
+
+import asyncio
+import contextlib
+import importlib.util
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fish_s2.client import AsyncTTSClient, TTSClient, TTSError
+from fish_s2.engine import Engine, EngineRequest, collect
+from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.sampling import SamplingParams
+from fish_s2.serving import metrics
+from fish_s2.serving.demo import DEMO_TEXT
+from fish_s2.serving.repository import generate
+from fish_s2.serving.runtime import ReferenceEncoder
+from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
+from fish_s2.serving.voices import build_prompt
+from fish_s2.streaming import ChunkPlan, decode_chunks
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:
+    pytriton_dist()
+except FileNotFoundError as e:
+    pytest.skip(f"no Triton server binary: {e}", allow_module_level=True)
+
+PLAN = ChunkPlan(first_frames=4, chunk_frames=7, context_frames=5)
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    cfg = generate("cpu", tiny_checkpoint, root / "art", root / "repo")
+    server = TritonServer(root / "repo", root / "run", *free_ports(3)).start()
+    yield server, cfg
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    with TTSClient(deployment[0].grpc_url, timeout_s=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, deployment):
+    """In-process: the audio the server should stream for (text, voice codes, seed, max_frames, plan)."""
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    engine = Engine(tiny.model, deployment[1].engine)
+
+    def run(text, seed, max_frames, plan=deployment[1].engine.chunk_plan, voice=None):
+        prompt, prefix_len = build_prompt(builder, text, [] if voice is None else [voice])
+        handle = engine.submit(EngineRequest(prompt, SamplingParams(seed=seed), max_frames=max_frames,
+                                             prefix_len=prefix_len, chunk_plan=plan))
+        while engine.rows or engine.stats()["queued"]:
+            engine.step()
+        chunks, done = collect(handle)
+        assert done.reason in ("stop", "length"), done
+        return np.concatenate(decode_chunks(tiny.codec, chunks)), done.n_frames
+
+    return run
+
+
+def _metrics(server) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        return r.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_streamed_request_equals_the_engine(client, reference, tiny):
+    text = "Hello! [laugh] This is Fish S2 streaming from Triton."
+    chunks = list(client.stream(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_frames,
+                                chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames))
+    expected, n_frames = reference(text, 11, 30, PLAN)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert len(chunks) == 1 + -(-(n_frames - PLAN.first_frames) // PLAN.chunk_frames)
+    audio = np.concatenate([c.audio for c in chunks])
+    assert audio.size == n_frames * tiny.codec.frame_length and chunks[0].sample_rate == tiny.codec.sample_rate
+    assert np.allclose(audio, expected, atol=1e-4), np.abs(audio - expected).max()
+    pcm = client.synthesize(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_frames,
+                            chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames, sample_format="int16")
+    assert pcm.audio.dtype == np.int16 and np.abs(pcm.audio.astype(np.int32) - np.round(expected * 32767)).max() <= 4
+
+
+def test_eight_concurrent_streams_each_equal_their_solo_run(deployment, reference):
+    jobs = [(f"Stream number {i} says hello.", 100 + i, 8 + i) for i in range(8)]
+
+    async def run_all():
+        async with AsyncTTSClient(deployment[0].grpc_url, timeout_s=120) as aclient:
+            return await asyncio.gather(*(aclient.synthesize(t, seed=s, max_frames=m) for t, s, m in jobs))
+
+    results = asyncio.run(run_all())
+    for (text, seed, max_frames), result in zip(jobs, results):
+        expected, _ = reference(text, seed, max_frames)
+        assert result.audio.shape == expected.shape and np.allclose(result.audio, expected, atol=1e-4), text
+
+
+def test_voice_register_use_list_delete(client, deployment, reference):
+    rate = 16000
+    t = np.arange(rate, dtype=np.float32) / rate
+    audio = (0.3 * np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+    info = client.register_voice("alice", audio, rate, "A reference sentence.")
+    assert info["voice_id"] == "alice" and info["frames"] > 0
+    assert "alice" in [v["voice_id"] for v in client.list_voices()]
+    got = client.synthesize("Speak with my voice.", voice_id="alice", seed=5, max_frames=16)
+    codes = torch.from_numpy(ReferenceEncoder(deployment[1])(audio, rate))     # the server's encoding, in-process
+    expected, _ = reference("Speak with my voice.", 5, 16, voice=Reference("A reference sentence.", codes))
+    assert np.allclose(got.audio, expected, atol=1e-4)
+    with pytest.raises(TTSError, match="voice_id: 'alice' is already registered"):
+        client.register_voice("alice", audio, rate, "Again.")
+    assert client.delete_voice("alice") == {"voice_id": "alice", "deleted": True}
+    assert "alice" not in [v["voice_id"] for v in client.list_voices()]
+    with pytest.raises(TTSError, match="voice_id: unknown voice 'alice'"):
+        client.synthesize("Speak with my voice.", voice_id="alice", max_frames=4)
+    with pytest.raises(TTSError, match="voice_id: unknown voice 'alice'") as e:
+        client.delete_voice("alice")
+    assert e.value.code == "NOT_FOUND"
+    for bad in ("a/b", "../alice", "x" * 65, ".."):
+        with pytest.raises(TTSError, match="^voice_id: must match") as e:
+            client.register_voice(bad, audio, rate, "Bad id.")
+        assert e.value.code == "INVALID_ARGUMENT"
+        with pytest.raises(TTSError, match="voice_id: must match"):
+            client.synthesize("Hi.", voice_id=bad, max_frames=4)
+    client.register_voice("bob", audio, rate, "Bob's reference.")   # kept for the restart test
+
+
+def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
+    server = deployment[0]
+    frames_before = _metric(_metrics(server), metrics.FRAMES.name)
+    stream = client.stream("A long sentence that will not be finished.", max_frames=1000,
+                           first_chunk_frames=2, chunk_frames=2)
+    assert [next(stream).index, next(stream).index] == [0, 1]
+    stream.close()                                   # cancels the gRPC stream and sends STOP to dual_ar
+    deadline = time.monotonic() + 20
+    while _metric(_metrics(server), metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = _metrics(server)
+    assert _metric(text, metrics.ACTIVE.name) == 0
+    assert _metric(text, metrics.FRAMES.name) - frames_before < 200       # far from the 1000 asked for
+    for i in range(2):
+        audio = client.synthesize(f"After the cancel {i}.", max_frames=6).audio
+        assert 0 < audio.size <= 6 * 2048 and audio.size % 2048 == 0
+
+    async def abandon_async_streams():
+        async with AsyncTTSClient(server.grpc_url, timeout_s=120) as aclient:
+            async def abandon(i):
+                async with contextlib.aclosing(aclient.stream(f"Abandoned {i}.", max_frames=1000,
+                                                              first_chunk_frames=2, chunk_frames=2)) as stream:
+                    async for chunk in stream:
+                        if chunk.index == 1:
+                            break
+            await asyncio.gather(*(abandon(i) for i in range(3)))
+
+    frames_before = _metric(_metrics(server), metrics.FRAMES.name)
+    asyncio.run(abandon_async_streams())
+    text = _metrics(server)
+    assert _metric(text, metrics.ACTIVE.name) == 0 and _metric(text, metrics.FRAMES.name) - frames_before < 300
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(text=""), "text"),
+    (dict(text="x" * 5000), "text"),
+    (dict(voice_id="nobody"), "voice_id"),
+    (dict(temperature=3.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(max_frames=0), "max_frames"),
+    (dict(max_frames=10**6), "max_frames"),
+    (dict(first_chunk_frames=0), "first_chunk_frames"),
+    (dict(sample_format="mp3"), "sample_format"),
+    (dict(reference_audio=np.zeros(100, np.float32), reference_sample_rate=16000), "reference_text"),
+    (dict(reference_audio=np.zeros(100, np.float32), reference_sample_rate=100, reference_text="t"),
+     "reference_sample_rate"),
+])
+def test_bad_input_is_named_and_the_server_stays_healthy(client, deployment, fields, field):
+    text = fields.pop("text", "Valid text.")
+    with pytest.raises(TTSError, match=rf"\b{field}: "):
+        client.synthesize(text, **fields)
+    assert deployment[0].alive() and client.ready()
+
+
+def test_server_still_serves_after_bad_input(client):
+    assert client.synthesize("Still fine.", max_frames=5).audio.size > 0
+
+
+def test_metrics_endpoint_shows_custom_metrics(deployment):
+    text = _metrics(deployment[0])
+    for d in metrics.ALL:
+        assert f"# TYPE {d.name} {d.kind}" in text, d.name
+    assert _metric(text, metrics.TTFA.name + "_count") >= 1
+    assert _metric(text, metrics.FRAMES.name) > 0
+    assert _metric(text, metrics.PREFIX_HITS.name) >= 1 and _metric(text, metrics.PREFIX_MISSES.name) >= 1
+    assert "nv_inference_request_success" in text            # Triton's own, alongside
+
+
+def test_voices_survive_a_restart_and_the_say_cli(deployment, tmp_path):
+    server = deployment[0]
+    assert server.stop() == 0            # a clean stop: every model unloaded within the exit timeout
+    server.start()
+    deadline = time.monotonic() + 20     # dual_ar warms the registered voice's prefix at start
+    while _metric(_metrics(server), metrics.PREFIX_MISSES.name) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(_metrics(server), metrics.PREFIX_MISSES.name) == 1
+    say = [sys.executable, str(REPO / "client" / "say.py")]
+    listed = subprocess.run(say + ["voices", "--url", server.grpc_url, "list"], capture_output=True, text=True)
+    assert listed.returncode == 0 and '"voice_id": "bob"' in listed.stdout, listed.stderr
+    out = tmp_path / "bob.wav"
+    spoken = subprocess.run(say + ["Hello from Bob.", "--voice", "bob", "--max-frames", "8", "--seed", "2",
+                                   "-o", str(out), "--url", server.grpc_url], capture_output=True, text=True)
+    assert spoken.returncode == 0, spoken.stderr
+    assert "time to first audio:" in spoken.stdout and "RTF:" in spoken.stdout
+    data, rate = sf.read(out)
+    assert rate == 44100 and data.size == 8 * 2048
+    assert _metric(_metrics(server), metrics.PREFIX_HITS.name) == 1      # bob's prefix came from the cache
+    bad = subprocess.run(say + ["Hi.", "--voice", "../x", "-o", str(out), "--url", server.grpc_url],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "voice_id: must match" in bad.stderr
+    deleted = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
+                             capture_output=True, text=True)
+    assert deleted.returncode == 0 and '"deleted": true' in deleted.stdout
+
+
+def test_demo_writes_the_expected_wav(tiny_checkpoint, tmp_path, reference):
+    out = tmp_path / "demo.wav"
+    run = subprocess.run([sys.executable, "-m", "fish_s2.serving.demo", "demo", "--checkpoint", str(tiny_checkpoint),
+                          "--artifacts", str(tmp_path / "artifacts"), "--max-frames", "24", "-o", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"time to first audio: \d+ ms, RTF: \d", run.stdout), run.stdout
+    if importlib.util.find_spec("fish_s2.export.__main__") is not None:   # exported: the shipped CPU codec path
+        assert "codec onnx" in run.stdout, run.stdout
+    data, rate = sf.read(out, dtype="float32")
+    expected, n_frames = reference(DEMO_TEXT, 0, 24)
+    assert rate == 44100 and data.size == n_frames * 2048
+    assert np.allclose(data, np.clip(expected, -1, 1), atol=2 / 32767)

@@ -102,10 +102,12 @@ def sample_codes(model: DualAR, hidden: Tensor, main: Tensor, sampling: BatchSam
     fast.step(fast.project_in(hidden), 0, slots, logits=False)
     codes = [code]
     code_ids = torch.arange(cfg.codebook_size, device=hidden.device)
-    ks = torch.arange(2, cfg.num_codebooks + 1, device=hidden.device)
-    u = uniform_noise(sampling.key, draw0[:, None] + ks, code_ids)  # [B, n-1, codebook_size]
+    u = None
+    if sampling.k_max is None:  # full-row sampling: draw all codebooks' noise at once (fewer kernels)
+        ks = torch.arange(2, cfg.num_codebooks + 1, device=hidden.device)
+        u = uniform_noise(sampling.key, draw0[:, None] + ks, code_ids)  # [B, n-1, codebook_size]
     for k in range(1, cfg.num_codebooks):
         logits = fast.step(fast.embeddings(code), k, slots)
-        code = sampling.sample(logits, code_ids, draw0 + 1 + k, u=u[:, k - 1])
+        code = sampling.sample(logits, code_ids, draw0 + 1 + k, u=None if u is None else u[:, k - 1])
         codes.append(code)
     return torch.stack(codes, dim=1)

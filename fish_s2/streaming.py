@@ -18,7 +18,7 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    first_frames: int = 6      # 6 frames = 279 ms of audio at 21.5 frames/s
+    first_frames: int = 4      # 4 frames = 186 ms of audio at 21.5 frames/s: the first chunk is what TTFA waits for
     chunk_frames: int = 25
     context_frames: int = 25
 

@@ -4,8 +4,9 @@ For each preset (tiny; small = dim 512, 8 slow layers, 2 fast layers), on the sa
   * throughput: frames/s and audio-seconds/s of codes at concurrency 1, 4, 16, next to the
     reference `generate` run one request at a time (codec decode excluded: this measures the
     Dual-AR engine);
-  * time to first audio (submit -> first chunk decoded by the codec) for a 10 s reference voice,
-    cold (prefix-cache miss) and cached (hit).
+  * time to first audio (request -> first chunk decoded by the codec) for a 10 s reference voice:
+    cold (a new recording: codec encode + full prefill) and cached (a registered voice: stored codes,
+    prompt prefix in the KV cache).
 Warm-up runs are not timed. Prints a JSON object as its last line and writes JSON + a markdown
 table under perf/results/.
 
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fish_s2.checkpoint import S2Checkpoint
@@ -32,6 +34,7 @@ from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.sampling import SamplingParams
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import write_tiny_checkpoint
+from fish_s2.tts import encode_reference
 
 TEXTS = ["Hello! This is Fish S2 streaming from Triton.", "[whisper] The quick brown fox jumps over the lazy dog.",
          "Please call Stella and ask her to bring these things.", "It was the best of times, it was the worst."]
@@ -91,20 +94,27 @@ def throughput(ck: S2Checkpoint, concurrency: list[int], n_frames: int, repeats:
 
 
 def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int) -> dict:
-    """Median submit -> first chunk decoded, for fresh voices (cold) and a registered one (cached)."""
+    """Median submit -> first chunk decoded. Cold: a new reference recording, encoded by the codec and
+    prefilled in full (what an unregistered voice costs). Cached: a registered voice, whose codes are
+    stored and whose prompt prefix is in the engine's KV cache."""
     b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
-    n_ref = round(reference_seconds * ck.codec.sample_rate / ck.codec.frame_length)
+    n_samples = int(reference_seconds * ck.codec.sample_rate)
+    n_ref = -(-n_samples // ck.codec.frame_length)
     engine = Engine(ck.model, EngineConfig(max_active=4, max_prompt_tokens=n_ref + 256, max_frames=64))
     g = torch.Generator().manual_seed(0)
+    text = "This is the reference recording of about ten seconds of speech."
 
-    def voice() -> list[Reference]:
-        codes = torch.cat([torch.randint(0, 4096, (1, n_ref), generator=g), torch.randint(0, 1024, (9, n_ref), generator=g)])
-        return [Reference("This is the reference recording of about ten seconds of speech.", codes)]
+    def recording() -> np.ndarray:
+        t = np.arange(n_samples) / ck.codec.sample_rate
+        f0 = 100 + 80 * float(torch.rand(1, generator=g))
+        return (0.3 * np.sin(2 * np.pi * f0 * t) + 0.02 * torch.randn(n_samples, generator=g).numpy()).astype(np.float32)
 
-    def once(refs) -> float:
-        prompt, p = _prompt(b, refs, TEXTS[0])
+    def once(refs: list[Reference] | None, audio: np.ndarray | None) -> float:
         first = []
         t = time.perf_counter()
+        if refs is None:  # a new voice: encode the recording first
+            refs = [Reference(text, encode_reference(ck, audio))]
+        prompt, p = _prompt(b, refs, TEXTS[0])
         engine.submit(EngineRequest(prompt, SamplingParams(seed=0), max_frames=engine.cfg.chunk_plan.first_frames,
                                     prefix_len=p), lambda ev: first.append(ev) if isinstance(ev, ChunkEvent) else None)
         while not first:
@@ -115,11 +125,11 @@ def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int
             engine.step()
         return dt
 
-    once(voice())  # warm-up (shapes, allocator)
-    cold = [once(voice()) for _ in range(repeats)]
-    cached_voice = voice()
-    once(cached_voice)
-    cached = [once(cached_voice) for _ in range(repeats)]
+    once(None, recording())  # warm-up (shapes, allocator)
+    cold = [once(None, recording()) for _ in range(repeats)]
+    registered = [Reference(text, encode_reference(ck, recording()))]
+    once(registered, None)  # registration warms the prefix
+    cached = [once(registered, None) for _ in range(repeats)]
     c, h = statistics.median(cold), statistics.median(cached)
     return {"reference_seconds": reference_seconds, "reference_frames": n_ref,
             "first_chunk_frames": engine.cfg.chunk_plan.first_frames, "cold_s": c, "cached_s": h,
@@ -134,7 +144,8 @@ def markdown(result: dict) -> str:
             runner = "reference generate" if name == "reference_generate" else "engine"
             lines.append(f"| {preset} | {runner} | {row['concurrency']} | {row['frames_per_s']:.1f} | "
                          f"{row['audio_s_per_s']:.2f} | {row['vs_engine_c1']:.2f}x |")
-    lines += ["", "| preset | reference | first chunk | TTFA cold | TTFA cached | cached/cold |", "|---|---|---|---|---|---|"]
+    lines += ["", "| preset | reference | first chunk | TTFA cold (new recording) | TTFA cached (registered voice) "
+              "| cached/cold |", "|---|---|---|---|---|---|"]
     for preset, r in result["presets"].items():
         t = r["ttfa"]
         lines.append(f"| {preset} | {t['reference_seconds']:.0f} s ({t['reference_frames']} frames) | "

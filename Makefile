@@ -11,7 +11,7 @@ TARGET ?= cpu
 TEXT   ?= Hello! [laugh] This is Fish S2 streaming from Triton.
 SERVE_ARGS ?=
 
-.PHONY: setup test demo serve tiny parity export clean
+.PHONY: setup test demo serve tiny parity export bench perf-compare clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,14 @@ demo: setup tiny
 # Triton on 127.0.0.1:8001 (gRPC) until Ctrl-C; SERVE_ARGS="--host 0.0.0.0 --openai-port 8080" etc.
 serve: setup tiny
 	$(PY) -m fish_s2.serving.demo serve --checkpoint $(CHECKPOINT) --artifacts $(ARTIFACTS) $(SERVE_ARGS)
+
+# CPU engine benchmark (in-process, side by side with the reference generator) -> perf/results
+bench: setup
+	$(PY) perf/bench_engine.py
+
+# time to first audio: perf_analyzer vs our load generator on the CPU deployment (fails beyond 25%)
+perf-compare: setup tiny
+	$(PY) perf/compare_perf_analyzer.py --artifacts $(ARTIFACTS)
 
 clean:
 	rm -rf $(ARTIFACTS) demo.wav

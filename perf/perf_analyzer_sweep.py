@@ -70,10 +70,11 @@ def run(url: str, levels: list[int], texts: list[str], voice: str | None, max_fr
     if not binary.exists():
         raise SystemExit(f"{binary}: missing; run python perf/install_perf_analyzer.py")
     with tempfile.TemporaryDirectory() as tmp:
-        data, export = Path(tmp) / "input.json", Path(tmp) / "export.json"
+        data = Path(tmp) / "input.json"
         data.write_text(json.dumps(input_data(texts, voice, max_frames, max(64, requests))))
         results = {}
-        for level in levels:  # one run per level keeps each level's requests apart in the export
+        for level in levels:  # one run (and export file: it is never overwritten) per level
+            export = Path(tmp) / f"export_c{level}.json"
             cmd_l = [str(binary), "-m", "tts", "-u", url, "-i", "grpc", "--streaming", "--input-data", str(data),
                      "--concurrency-range", f"{level}:{level}:1", "--measurement-mode", "count_windows",
                      "--measurement-request-count", str(requests), "--max-trials", "3",

@@ -55,3 +55,20 @@ def test_pcm16_from_float_and_int16_chunks():
     assert np.frombuffer(pcm16(f), "<i2").tolist() == [0, 32767, -32767, 32767]
     i = AudioChunk(0, np.array([5, -5], dtype=np.int16), 44100, "r")
     assert np.frombuffer(pcm16(i), "<i2").tolist() == [5, -5]
+
+
+@pytest.mark.parametrize("message,code,expected", [
+    ("in ensemble 'tts', voice_id: unknown voice 'x'", None, (400, "voice", "voice: unknown voice 'x'")),
+    ("in ensemble 'tts', temperature: must be in [0, 2], got 9.0", None, (400, "temperature", None)),
+    ("text: must not be empty", "INVALID_ARGUMENT", (400, "input", "input: must not be empty")),
+    ("in ensemble 'tts', queue full: 64 requests waiting", None, (503, None, None)),
+    ("connection reset", "UNAVAILABLE", (503, None, None)),
+    ("in ensemble 'tts', decode step failed: boom", None, (500, None, None))])
+def test_server_errors_map_to_http_statuses(message, code, expected):
+    from fish_s2.client import TTSError
+    from fish_s2.serving.openai_api import classify
+
+    status, field, text = classify(TTSError(message, code))
+    assert (status, field) == expected[:2]
+    if expected[2]:
+        assert text == expected[2]

@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 from aiohttp import web
 
 from ..client import AsyncTTSClient, AudioChunk, TTSError
+from . import protocol
 
 DEFAULT_MODEL = "fish-s2-pro"
 FORMATS = ("wav", "pcm")
@@ -95,13 +97,25 @@ def parse_request(body: object, model_name: str) -> tuple[str, str, bool, dict]:
     return text, fmt, stream, fields
 
 
-def _status(e: TTSError) -> int:
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_REQUEST_FIELDS = {spec.name.lower() for spec in protocol.TTS_INPUTS}
+_OPENAI_NAMES = {"text": "input", "voice_id": "voice"}
+
+
+def classify(e: TTSError) -> tuple[int, str | None, str]:
+    """(HTTP status, request field or None, message) of a server error. Stream errors carry no status
+    code, but request errors name their field first ("temperature: must be in [0, 2]...")."""
+    message = _ENSEMBLE_PREFIX.sub("", str(e))
     code = (e.code or "").upper()
-    if "INVALID" in code:
-        return 400
-    if "UNAVAILABLE" in code or "RESOURCE_EXHAUSTED" in code:
-        return 503
-    return 500
+    field = message.split(":", 1)[0] if ":" in message else ""
+    if field in _REQUEST_FIELDS or "INVALID" in code or "NOT_FOUND" in code:
+        name = _OPENAI_NAMES.get(field, field) if field in _REQUEST_FIELDS else None
+        if name and name != field:
+            message = name + message[len(field):]
+        return 400, name, message
+    if "UNAVAILABLE" in code or "RESOURCE_EXHAUSTED" in code or message.startswith(("queue full", "engine is shutting")):
+        return 503, None, message
+    return 500, None, message
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -162,7 +176,8 @@ class SpeechServer:
             try:  # the first chunk decides the status: errors before it are proper HTTP errors
                 first = await anext(chunks, None)
             except TTSError as e:
-                return _error(_status(e), str(e), str(e).split(":")[0] if _status(e) == 400 else None)
+                status, field, message = classify(e)
+                return _error(status, message, field)
             if first is None:
                 return _error(500, "the server produced no audio")
             headers = {"Content-Type": "audio/wav" if fmt == "wav" else "audio/pcm",

@@ -109,12 +109,12 @@ def load_config(checkpoint_dir: str | Path) -> tuple[DualARConfig, S2Tokenizer]:
     return cfg, tok
 
 
-def load_dual_ar(checkpoint_dir: str | Path, cfg: DualARConfig, dtype: torch.dtype | str = torch.float32,
-                 device: torch.device | str = "cpu") -> DualAR:
-    checkpoint_dir, dtype = Path(checkpoint_dir), resolve_dtype(dtype)
+def scan_checkpoint(checkpoint_dir: str | Path, cfg: DualARConfig) -> list[Path]:
+    """The weight files, after checking from their headers alone (no tensor data read) that they hold
+    exactly the DualAR tensors of ``cfg`` with the right shapes."""
+    checkpoint_dir = Path(checkpoint_dir)
     with torch.device("meta"):
-        model = DualAR(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in DualAR(cfg).state_dict().items()}
     files = weight_files(checkpoint_dir)
     found, unmapped = {}, []
     for path in files:
@@ -128,6 +128,15 @@ def load_dual_ar(checkpoint_dir: str | Path, cfg: DualARConfig, dtype: torch.dty
     if unmapped:
         raise ValueError(f"{checkpoint_dir}: unexpected tensors: {sorted(unmapped)}")
     check_coverage(expected, found, str(checkpoint_dir))
+    return files
+
+
+def load_dual_ar(checkpoint_dir: str | Path, cfg: DualARConfig, dtype: torch.dtype | str = torch.float32,
+                 device: torch.device | str = "cpu") -> DualAR:
+    checkpoint_dir, dtype = Path(checkpoint_dir), resolve_dtype(dtype)
+    files = scan_checkpoint(checkpoint_dir, cfg)
+    with torch.device("meta"):
+        model = DualAR(cfg)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():

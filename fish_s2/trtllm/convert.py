@@ -28,9 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import check_coverage, load_config, module_key, weight_files
+from ..checkpoint import load_config, module_key, scan_checkpoint
 from ..config import DualARConfig
-from ..dual_ar import DualAR
 from .hf_config import FishS2Config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -137,21 +136,7 @@ def convert_checkpoint(checkpoint_dir: Path, out_dir: Path, max_shard_bytes: int
     cfg, _ = load_config(checkpoint_dir)
     hf_cfg = FishS2Config.from_dual_ar(cfg)  # checks the geometry is Qwen3 before any work
 
-    # Key coverage and shapes first (metadata only), exactly as the core loader checks them.
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DualAR(cfg).state_dict().items()}
-    files, found, unmapped = weight_files(checkpoint_dir), {}, []
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                name = module_key(key)
-                if name is None:
-                    unmapped.append(key)
-                else:
-                    found[name] = tuple(f.get_slice(key).get_shape())
-    if unmapped:
-        raise ValueError(f"{checkpoint_dir}: unexpected tensors: {sorted(unmapped)}")
-    check_coverage(expected, found, str(checkpoint_dir))
+    files = scan_checkpoint(checkpoint_dir, cfg)  # key coverage and shapes first, as the core loader checks them
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("model*.safetensors*"), *out_dir.glob("shard-*.tmp")]:

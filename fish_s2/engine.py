@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .config import DualARConfig
 from .dual_ar import DualAR, FastARRuntime, decode_frame
 from .prefix_cache import PrefixCache, prefix_key
 from .sampling import RAS_WINDOW, BatchSampling, SamplingParams, seed_to_key
@@ -137,6 +138,32 @@ def _bucket(n: int, sizes) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def validate_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig) -> None:
+    """Everything about a request that can be checked before it runs (shared by every engine):
+    shapes and limits, and value ranges -- on a GPU an out-of-range id is a device-side assert that
+    kills the process."""
+    p, rows = req.prompt, model_cfg.frame_rows
+    if not isinstance(p, Tensor) or p.ndim != 2 or p.shape[0] != rows or p.dtype not in (torch.int32, torch.int64):
+        raise RequestError(f"prompt: expected an integer tensor [{rows}, T], got "
+                           f"{getattr(p, 'dtype', type(p))} {list(getattr(p, 'shape', []))}")
+    if not 1 <= p.shape[1] <= cfg.max_prompt_tokens:
+        raise RequestError(f"prompt: {p.shape[1]} tokens, the limit is max_prompt_tokens={cfg.max_prompt_tokens}")
+    if int(p[0].min()) < 0 or int(p[0].max()) >= model_cfg.vocab_size:
+        raise RequestError(f"prompt: token ids must be in [0, {model_cfg.vocab_size})")
+    if int(p[1:].min()) < 0 or int(p[1:].max()) >= model_cfg.codebook_size:
+        raise RequestError(f"prompt: codes must be in [0, {model_cfg.codebook_size})")
+    if not 0 <= req.prefix_len < p.shape[1]:
+        raise RequestError(f"prefix_len: must be in [0, {p.shape[1] - 1}], got {req.prefix_len}")
+    if req.max_frames is not None and not 1 <= req.max_frames <= cfg.max_frames:
+        raise RequestError(f"max_frames: must be in [1, {cfg.max_frames}], got {req.max_frames}")
+    try:
+        req.params.validate()
+        if req.chunk_plan is not None:
+            req.chunk_plan.validate(cfg.max_frames)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
+
 class Engine:
     def __init__(self, model: DualAR, config: EngineConfig = EngineConfig(), fast_ar: FastARRuntime | None = None):
         """``fast_ar``: run the fast AR with another runtime (e.g. ONNX Runtime on CPU) instead of torch."""
@@ -176,7 +203,7 @@ class Engine:
         """Queue a request. Bad requests raise RequestError, a full queue EngineBusy, both at once.
 
         Events go to ``sink`` (called on the engine thread) or, without one, to the returned handle."""
-        self._validate(req)
+        validate_request(req, self.cfg, self.model.cfg)
         handle = None
         if sink is None:
             handle = RequestHandle(req.request_id, self)
@@ -216,27 +243,6 @@ class Engine:
             queued = len(self._queue)
         return {"active": len(self.rows), "queued": queued, "frames_generated": self.frames_generated,
                 "prefix_cache": self.prefix_cache.stats()}
-
-    # ------------------------------------------------------------------ validation
-
-    def _validate(self, req: EngineRequest) -> None:
-        p, rows = req.prompt, self.model.cfg.frame_rows
-        if not isinstance(p, Tensor) or p.ndim != 2 or p.shape[0] != rows or p.dtype not in (torch.int32, torch.int64):
-            raise RequestError(f"prompt: expected an integer tensor [{rows}, T], got "
-                               f"{getattr(p, 'dtype', type(p))} {list(getattr(p, 'shape', []))}")
-        if not 1 <= p.shape[1] <= self.cfg.max_prompt_tokens:
-            raise RequestError(f"prompt: {p.shape[1]} tokens, the limit is max_prompt_tokens="
-                               f"{self.cfg.max_prompt_tokens}")
-        if not 0 <= req.prefix_len < p.shape[1]:
-            raise RequestError(f"prefix_len: must be in [0, {p.shape[1] - 1}], got {req.prefix_len}")
-        if req.max_frames is not None and not 1 <= req.max_frames <= self.cfg.max_frames:
-            raise RequestError(f"max_frames: must be in [1, {self.cfg.max_frames}], got {req.max_frames}")
-        try:
-            req.params.validate()
-            if req.chunk_plan is not None:
-                req.chunk_plan.validate(self.cfg.max_frames)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
 
     # ------------------------------------------------------------------ loop
 

@@ -215,3 +215,14 @@ def test_stop_cancels_queued_requests(tiny):
     assert collect(h)[1].reason == "cancelled"
     with pytest.raises(EngineBusy):
         engine.submit(_request(tiny, "late", SamplingParams()))
+
+
+def test_out_of_range_ids_and_codes_are_refused(tiny, engine):
+    ok = _request(tiny, "ok", SamplingParams(), max_frames=4)
+    bad_id, bad_code = ok.prompt.clone(), ok.prompt.clone()
+    bad_id[0, 1] = tiny.config.vocab_size
+    bad_code[3, 2] = tiny.config.codebook_size
+    with pytest.raises(RequestError, match=r"prompt: token ids"):
+        engine.submit(EngineRequest(bad_id))
+    with pytest.raises(RequestError, match=r"prompt: codes"):
+        engine.submit(EngineRequest(bad_code))

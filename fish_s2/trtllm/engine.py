@@ -25,14 +25,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from ..config import DualARConfig
-from ..engine import ChunkEvent, Engine, EngineBusy, Event, Finished, RequestError, RequestHandle
-from ..engine import EngineRequest
+from ..engine import (ChunkEvent, EngineBusy, EngineRequest, Event, Finished, RequestError, RequestHandle,
+                      validate_request)
 from ..sampling import seed_to_key
 from ..streaming import Chunker
 from .hf_config import FishS2Config
@@ -126,7 +125,7 @@ class TrtllmEngine:
         """Start a request. Bad requests raise RequestError, a full engine EngineBusy, both at once.
 
         Events go to ``sink`` (called on the engine's loop thread) or, without one, to the handle."""
-        self._validate(req)
+        validate_request(req, self.cfg, self.model_cfg)
         handle = None
         if sink is None:
             handle = RequestHandle(req.request_id, self)
@@ -179,16 +178,6 @@ class TrtllmEngine:
                     "frames_generated": self.frames_generated}
 
     # ------------------------------------------------------------------ validation
-
-    def _validate(self, req: EngineRequest) -> None:
-        # the core engine's checks (shape, limits, sampling, chunk plan) ...
-        Engine._validate(SimpleNamespace(model=SimpleNamespace(cfg=self.model_cfg), cfg=self.cfg), req)
-        # ... and value ranges: here an out-of-range id is a device-side assert that kills the process
-        cfg, p = self.model_cfg, req.prompt
-        if int(p[0].min()) < 0 or int(p[0].max()) >= cfg.vocab_size:
-            raise RequestError(f"prompt: token ids must be in [0, {cfg.vocab_size})")
-        if int(p[1:].min()) < 0 or int(p[1:].max()) >= cfg.codebook_size:
-            raise RequestError(f"prompt: codes must be in [0, {cfg.codebook_size})")
 
     # ------------------------------------------------------------------ loop thread
 

@@ -404,8 +404,7 @@ class Engine:
         nb = _bucket(n, self.graph_sizes)
         kb = min(self.cfg.max_seq_len, max(self.cfg.min_kv_bucket, 1 << (kv_len - 1).bit_length()))
         if (nb, kb) not in self._graphs:
-            self.pos[len(self.rows):nb] = 0  # padding rows: free slots, write KV at their position 0 only
-            self._capture((nb, kb), lambda: self._step_body(nb, kb))
+            self._capture_step(nb, kb)
         graph, out = self._graphs[(nb, kb)]
         graph.replay()
         return out[:n]
@@ -427,9 +426,12 @@ class Engine:
             for nb in (s for s in self.graph_sizes if s <= _bucket(min(max_batch, self.cfg.max_active), self.graph_sizes)):
                 for kv in kvs:
                     if (nb, kv) not in self._graphs:
-                        self.pos[len(self.rows):nb] = 0
-                        self._capture((nb, kv), lambda: self._step_body(nb, kv))
+                        self._capture_step(nb, kv)
         return len(self._graphs)
+
+    def _capture_step(self, nb: int, kb: int) -> None:
+        self.pos[len(self.rows):nb] = 0  # padding rows: free slots, write KV at their position 0 only
+        self._capture((nb, kb), lambda: self._step_body(nb, kb))
 
     def _capture(self, key: object, body: Callable[[], Tensor]) -> None:
         """Warm up on a side stream, then capture ``body`` into a graph sharing one memory pool.

@@ -55,13 +55,6 @@ class PrefixCache:
             self._entries[key] = kv
             self.bytes += size
 
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def stats(self) -> dict:
         with self._lock:
             return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes,

@@ -9,7 +9,7 @@ One optimization profile per plan, min/opt/max over the dynamic axes, from :func
 function of the files' metadata and :class:`ProfileSettings`; ``--dry-run`` prints it without TensorRT):
 
 * codec_decoder: batch 1/opt/max x frames 1 / chunk+context / the longest chunk the streaming chunker
-  emits (first or steady chunk + left context, from :class:`fish_s2.streaming.ChunkPlan`).
+  emits (first or steady chunk + left context, from :class:`fish_s2.request.ChunkPlan`).
 * codec_encoder: batch 1/1/encoder_max_batch x samples one frame / 10 s / 30 s (opt <= max, both capped
   by the file's max_samples), for reference audio.
 * fast_ar: batch 1/opt/max. Not built while codebook_size > 3840: TensorRT's TopK takes k <= 3840
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from fish_s2.export.onnx_export import FAST_AR_INPUTS, FILES, read_metadata
-from fish_s2.streaming import ChunkPlan
+from fish_s2.request import ChunkPlan
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 TOPK_MAX_K = 3840  # TensorRT TopK: k <= 3840
@@ -50,7 +50,7 @@ class ProfileSettings:
     max_batch: int = 32                 # >= Triton's codec max_batch_size (gpu profile: 32)
     opt_batch: int = 8
     decoder_opt_frames: int = _CHUNKS.chunk_frames + _CHUNKS.context_frames
-    decoder_max_frames: int = max(_CHUNKS.first_frames, _CHUNKS.chunk_frames) + _CHUNKS.context_frames
+    decoder_max_frames: int = max(_CHUNKS.first_chunk_frames, _CHUNKS.chunk_frames) + _CHUNKS.context_frames
     encoder_max_batch: int = 4
     encoder_opt_seconds: float = 10.0
     encoder_max_seconds: float = 30.0

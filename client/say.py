@@ -15,7 +15,8 @@ import argparse
 import json
 import sys
 
-from fish_s2.client import DEFAULT_URL, TTSClient, TTSError, read_audio
+from fish_s2.client import DEFAULT_URL, TTSClient, read_audio
+from fish_s2.request import RequestError
 from fish_s2.serving.protocol import SAMPLE_FORMATS
 
 
@@ -83,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with TTSClient(args.url) as client:
             (_voices if voices else _say)(args, client)
+    except RequestError as e:   # refused (the message names the field) or failed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TTSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:   # the stream was stopped on the server on the way out
         return 130
     return 0

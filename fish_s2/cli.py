@@ -16,7 +16,7 @@ def _synthesize(args: argparse.Namespace) -> None:
     from .audio import read_audio, write_wav
     from .checkpoint import S2Checkpoint
     from .prompt import Reference
-    from .sampling import SamplingParams
+    from .request import SamplingParams
     from .tts import encode_reference, synthesize
 
     if not args.text.strip():
@@ -26,7 +26,7 @@ def _synthesize(args: argparse.Namespace) -> None:
     if args.max_frames < 1:
         raise ValueError(f"--max-frames: must be >= 1, got {args.max_frames}")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            seed=args.seed).validate()
+                            seed=args.seed)
     ckdir = Path(args.checkpoint)
     if not ckdir.is_dir():
         raise ValueError(f"--checkpoint: {ckdir} is not a directory")

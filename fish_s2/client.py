@@ -6,6 +6,9 @@ possibly out of order; :class:`ChunkReorderer` hands them on in index order as s
 is there. The stream ends with Triton's final response. A stream abandoned early (the consumer
 stops iterating, an error) is ended with a STOP request of the same request id to ``dual_ar``, so the
 engine frees the slot (an ensemble does not pass a client's cancellation on to a running step).
+Errors are the request layer's types (:mod:`fish_s2.request.errors`): InvalidArgument (naming the
+field), NotFound, AlreadyExists, Busy (retry soon), Unavailable (retry elsewhere), Cancelled, Internal.
+Torch-free: ``pip install fish_s2[client]`` is enough.
 
     from fish_s2.client import TTSClient
     with TTSClient("127.0.0.1:8001") as tts:
@@ -31,17 +34,10 @@ import soundfile as sf
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
+from .request import Internal, RequestError, Unavailable, from_wire
 from .serving import protocol
 
 DEFAULT_URL = "127.0.0.1:8001"
-
-
-class TTSError(RuntimeError):
-    """The server refused or failed a request; the message names the field when it is about input."""
-
-    def __init__(self, message: str, code: str | None = None):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -62,7 +58,7 @@ class ChunkReorderer:
     def push(self, chunk: AudioChunk) -> list[AudioChunk]:
         """The chunks that became ready, in order (possibly none)."""
         if chunk.index < self.next_index or chunk.index in self._pending:
-            raise TTSError(f"chunk {chunk.index} arrived twice")
+            raise Internal(f"chunk {chunk.index} arrived twice")
         self._pending[chunk.index] = chunk
         ready = []
         while self.next_index in self._pending:
@@ -73,7 +69,7 @@ class ChunkReorderer:
     def finish(self) -> None:
         if self._pending:
             missing = [i for i in range(self.next_index, max(self._pending)) if i not in self._pending]
-            raise TTSError(f"the stream ended with chunks {missing} missing")
+            raise Internal(f"the stream ended with chunks {missing} missing")
 
 
 @dataclass
@@ -156,9 +152,9 @@ def _infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str,
 
 
 def _parse(response: service_pb2.ModelStreamInferResponse) -> tuple[AudioChunk | None, bool]:
-    """(chunk or None, final?) of one stream response; a server error raises TTSError."""
+    """(chunk or None, final?) of one stream response; a server error raises its typed RequestError."""
     if response.error_message:
-        raise TTSError(response.error_message)
+        raise from_wire(response.error_message)
     infer = response.infer_response
     final = infer.parameters["triton_final_response"].bool_param
     if not infer.outputs:
@@ -172,9 +168,9 @@ def _parse(response: service_pb2.ModelStreamInferResponse) -> tuple[AudioChunk |
     return chunk, final
 
 
-def _rpc_error(e: grpc.RpcError) -> TTSError:
+def _rpc_error(e: grpc.RpcError) -> RequestError:
     code = e.code() if hasattr(e, "code") else None
-    return TTSError(e.details() if hasattr(e, "details") else str(e), code.name if code else None)
+    return from_wire((e.details() if hasattr(e, "details") else None) or str(e), code.name if code else None)
 
 
 def _voices(response: service_pb2.ModelInferResponse) -> list[dict]:
@@ -275,7 +271,7 @@ class TTSClient:
                     finished = True
                     break
             if not finished:
-                raise TTSError("the stream closed before its final response")
+                raise Unavailable("the stream closed before its final response")
             reorder.finish()
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
@@ -357,7 +353,7 @@ class AsyncTTSClient:
                     finished = True
                     break
             if not finished:
-                raise TTSError("the stream closed before its final response")
+                raise Unavailable("the stream closed before its final response")
             reorder.finish()
         except grpc.RpcError as e:
             raise _rpc_error(e) from None

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .config import DualARConfig
 from .fast_ar import FastAR
+from .layers import KVCache
 from .sampling import RAS_TEMPERATURE, RAS_TOP_P, BatchSampling, uniform_noise
 from .slow_ar import SlowAR
 
@@ -25,11 +26,6 @@ class DualAR(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         self.slow.init_buffers(device)
         self.fast.init_buffers(device)
-
-    def setup_caches(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Preallocate the slow KV cache (n_slots sequences of max_len) and the fast AR's codebook cache."""
-        self.slow.setup_cache(n_slots, max_len, dtype)
-        self.fast.setup_cache(n_slots, dtype)
 
     @property
     def draws_per_frame(self) -> int:
@@ -56,15 +52,17 @@ class FastARRuntime(Protocol):
 
 
 def decode_frame(model: DualAR, hidden: Tensor, sampling: BatchSampling, frame_index: Tensor,
-                 ras_window: Tensor | None, audio_ids: Tensor, slots: slice = slice(None),
-                 record: list[FrameRecord] | None = None, fast_ar: FastARRuntime | None = None) -> Tensor:
+                 ras_window: Tensor | None, audio_ids: Tensor, fast_cache: list[KVCache] | None,
+                 slots: slice = slice(None), record: list[FrameRecord] | None = None,
+                 fast_ar: FastARRuntime | None = None) -> Tensor:
     """One Dual-AR frame for B rows from the slow AR's final-norm hidden state [B, dim].
 
     Samples the main token over the semantic range + <|im_end|> (with repetition-aware resampling
     against ``ras_window`` [B, W] of recent main tokens; None on a sequence's first frame), then runs
     the fast AR over the codebooks. ``frame_index`` [B] numbers each row's frames for its noise
     stream. Returns the frame column [B, num_codebooks + 1]: main token id, then the codes.
-    ``fast_ar`` replaces the torch fast AR (``model.fast``) for the codes.
+    ``fast_cache`` (``model.fast.new_cache``) is the torch fast AR's, rows ``slots``; ``fast_ar``
+    replaces the torch fast AR for the codes (then no cache is needed).
     """
     cfg = model.cfg
     n_draws = model.draws_per_frame
@@ -82,7 +80,7 @@ def decode_frame(model: DualAR, hidden: Tensor, sampling: BatchSampling, frame_i
     main = torch.where(ras, high, normal)
 
     if fast_ar is None:
-        codes = sample_codes(model, hidden, main, sampling, draw0, slots)
+        codes = sample_codes(model, hidden, main, sampling, draw0, fast_cache, slots)
     else:
         codes = fast_ar.sample_codes(hidden, main, sampling, draw0).to(main.device)
     if record is not None:
@@ -91,7 +89,7 @@ def decode_frame(model: DualAR, hidden: Tensor, sampling: BatchSampling, frame_i
 
 
 def sample_codes(model: DualAR, hidden: Tensor, main: Tensor, sampling: BatchSampling, draw0: Tensor,
-                 slots: slice = slice(None)) -> Tensor:
+                 cache: list[KVCache], slots: slice = slice(None)) -> Tensor:
     """The fast-AR half of a frame: codes [B, num_codebooks] given the main tokens [B].
 
     Code 0 is the main token's semantic index (clamped, so <|im_end|> gives 0); codes 1.. are sampled
@@ -99,7 +97,7 @@ def sample_codes(model: DualAR, hidden: Tensor, main: Tensor, sampling: BatchSam
     back unclamped and only the codec clamps)."""
     cfg, fast = model.cfg, model.fast
     code = (main - cfg.semantic_begin_id).clamp(0, cfg.codebook_size - 1)
-    fast.step(fast.project_in(hidden), 0, slots, logits=False)
+    fast.step(fast.project_in(hidden), 0, cache, slots, logits=False)
     codes = [code]
     code_ids = torch.arange(cfg.codebook_size, device=hidden.device)
     u = None
@@ -107,7 +105,7 @@ def sample_codes(model: DualAR, hidden: Tensor, main: Tensor, sampling: BatchSam
         ks = torch.arange(2, cfg.num_codebooks + 1, device=hidden.device)
         u = uniform_noise(sampling.key, draw0[:, None] + ks, code_ids)  # [B, n-1, codebook_size]
     for k in range(1, cfg.num_codebooks):
-        logits = fast.step(fast.embeddings(code), k, slots)
+        logits = fast.step(fast.embeddings(code), k, cache, slots)
         code = sampling.sample(logits, code_ids, draw0 + 1 + k, u=None if u is None else u[:, k - 1])
         codes.append(code)
     return torch.stack(codes, dim=1)

@@ -3,7 +3,8 @@
 Position 0 is the slow AR's (projected) final hidden state; position k >= 1 is the embedding of
 code k-1 and predicts code k. Code 0 is the slow AR's semantic token, so a frame needs
 num_codebooks - 1 sampled fast steps. Its KV cache has num_codebooks slots and is simply
-overwritten from position 0 at every frame (the causal mask hides stale entries).
+overwritten from position 0 at every frame (the causal mask hides stale entries); its owner passes
+it to every step.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ class FastAR(nn.Module):
         c = self.cfg.fast
         self.rope = rope_table(self.cfg.num_codebooks, c.head_dim, c.rope_base).to(device)
 
-    def setup_cache(self, n_slots: int, dtype: torch.dtype | None = None) -> None:
+    def new_cache(self, n_slots: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """A codebook-axis cache for n_slots rows (one KVCache per layer)."""
         c, w = self.cfg.fast, self.output.weight
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(n_slots, c.n_kv_head, self.cfg.num_codebooks, c.head_dim,
-                                               dtype or w.dtype, w.device)
+        return [KVCache(n_slots, c.n_kv_head, self.cfg.num_codebooks, c.head_dim, dtype or w.dtype, w.device)
+                for _ in self.layers]
 
-    def step(self, x: Tensor, pos: int, slots: slice = slice(None), logits: bool = True) -> Tensor | None:
+    def step(self, x: Tensor, pos: int, cache: list[KVCache], slots: slice = slice(None),
+             logits: bool = True) -> Tensor | None:
         """One cached step for all rows at codebook position ``pos``: x [B, dim] -> logits [B, codebook_size].
 
         Position 0 takes ``project_in(hidden)``; its logits are never used, so ``logits=False`` skips them.
@@ -49,8 +51,8 @@ class FastAR(nn.Module):
         input_pos = torch.full((B, 1), pos, dtype=torch.long, device=x.device)
         rope, mask = self.rope[pos: pos + 1][None], position_mask(input_pos, pos + 1)
         h = x[:, None]
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, slots, pos + 1)
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, rope, mask, input_pos, slots, pos + 1, layer_cache)
         return self.output(self.norm(h[:, 0])) if logits else None
 
     def forward(self, hidden: Tensor, codes: Tensor) -> Tensor:

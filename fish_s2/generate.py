@@ -1,7 +1,7 @@
 """Reference single-request generation, step for step as upstream ``generate`` / ``generate_long``.
 
 This is the plain, unbatched path: the oracle the batched engine is tested against and what the
-parity checker drives. It allocates one KV slot per call.
+parity checker drives. Each call allocates its own one-slot KV cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .dual_ar import DualAR, FrameRecord, decode_frame
 from .prompt import PromptBuilder, Reference, text_batches
-from .sampling import RAS_WINDOW, BatchSampling, SamplingParams, seed_to_key
+from .request import SamplingParams
+from .sampling import BatchSampling, empty_window, seed_to_key
 
 
 @dataclass
@@ -42,20 +43,19 @@ def generate(model: DualAR, prompt: Tensor, max_new_frames: int, params: Samplin
     if T >= cfg.slow.max_seq_len:
         raise ValueError(f"prompt: {T} tokens, the model allows {cfg.slow.max_seq_len - 1}")
     max_new_frames = min(max_new_frames, cfg.slow.max_seq_len - T)
-    model.setup_caches(1, T + max_new_frames)
-    sampling = BatchSampling.of([params.validate()], device,
-                                keys=None if noise_key is None else [noise_key])
+    slow_cache, fast_cache = model.slow.new_cache(1, T + max_new_frames), model.fast.new_cache(1)
+    sampling = BatchSampling.of([params], device, keys=None if noise_key is None else [noise_key])
     audio_ids = model.slow.audio_token_ids()
     records: list[FrameRecord] | None = [] if record else None
-    window = torch.zeros(1, RAS_WINDOW, dtype=torch.long, device=device)
+    window = empty_window(1, device)
 
     x = prompt[None].to(device)
     pos = torch.arange(T, device=device)[None]
     frames = []
     for i in range(max_new_frames):
-        hidden = model.slow(x, pos, slice(0, 1))[:, -1]
+        hidden = model.slow(x, pos, slice(0, 1), cache=slow_cache)[:, -1]
         frame = decode_frame(model, hidden, sampling, torch.tensor([i], device=device),
-                             window if i > 0 else None, audio_ids, slice(0, 1), records)
+                             window if i > 0 else None, audio_ids, fast_cache, slice(0, 1), records)
         frames.append(frame[0])
         if on_frame is not None:
             on_frame(i)

@@ -87,8 +87,10 @@ class FeedForward(nn.Module):
 class KVCache(nn.Module):
     """Preallocated keys/values for one layer: [n_slots, n_kv_heads, max_len, head_dim].
 
-    A batch row b of a forward call uses slot ``slots.start + b``; the caller keeps the rows it
-    decodes together in consecutive slots so that the cache is read through a view, not a gather.
+    Owned by whoever runs the model (the engine's runner, the reference generator) and passed to each
+    forward, never stored on the model. A batch row b of a forward call uses slot ``slots.start + b``;
+    the caller keeps the rows it decodes together in consecutive slots so that the cache is read
+    through a view, not a gather.
     """
 
     def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
@@ -119,10 +121,9 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(head_dim, eps)
             self.k_norm = nn.RMSNorm(head_dim, eps)
         self.qk_norm = qk_norm
-        self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None = None,
-                slots: slice = slice(None), kv_len: int | None = None) -> Tensor:
+                slots: slice = slice(None), kv_len: int | None = None, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         qs, kvs = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([qs, kvs, kvs], dim=-1)
@@ -133,8 +134,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.write(slots, input_pos, k, v, kv_len)
+        if cache is not None and input_pos is not None:
+            k, v = cache.write(slots, input_pos, k, v, kv_len)
         y = attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, qs))
 
@@ -152,6 +153,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None = None,
-                slots: slice = slice(None), kv_len: int | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, kv_len)
+                slots: slice = slice(None), kv_len: int | None = None, cache: KVCache | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, slots, kv_len, cache)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -25,7 +25,8 @@ from .checkpoint import S2Checkpoint
 from .dual_ar import sample_codes
 from .generate import generate_long
 from .prompt import PromptBuilder, Reference
-from .sampling import BatchSampling, SamplingParams, logits_to_probs, race
+from .request import SamplingParams
+from .sampling import BatchSampling, logits_to_probs, race
 
 # tolerances (issue #2): fp32 logits/hidden within 1e-4 of their scale; codec audio 1e-4;
 # sampling probabilities 1e-6; ids and codes exact. bf16 forward: loose (upstream's own fp32-vs-bf16 gap).
@@ -136,9 +137,8 @@ def _fast_ar(ck: S2Checkpoint, g: dict[str, Tensor], rep: Report, prefix: str) -
     hidden, main = g["hidden_normed"], g["main_token"]
     n = hidden.shape[0]
     with torch.inference_mode():
-        model.fast.setup_cache(n)
         greedy = BatchSampling.of([SamplingParams(top_k=1)] * n)
-        codes = sample_codes(model, hidden, main, greedy, torch.zeros(n, dtype=torch.long))
+        codes = sample_codes(model, hidden, main, greedy, torch.zeros(n, dtype=torch.long), model.fast.new_cache(n))
         frame = torch.cat([main[:, None], codes], dim=1)
         if "greedy_frame" in g:
             rep.equal(f"{prefix}.greedy_frame", frame, g["greedy_frame"])

@@ -73,6 +73,12 @@ class PromptBuilder:
     def assistant_start(self) -> Tensor:
         return self.text(f"{IM_START}assistant\n{VOICE}")
 
+    def request(self, text: str, references: list[Reference]) -> tuple[Tensor, int]:
+        """The prompt [rows, T] of one request with the whole text as one user turn (upstream's
+        behaviour for text without speaker tags), and the length of its cacheable voice prefix."""
+        system = self.system(references)
+        return torch.cat([system, self.user(text), self.assistant_start()], dim=1), system.shape[1]
+
     def assistant_turn(self, codes: Tensor) -> Tensor:
         """A finished assistant turn (earlier batch's codes), kept as history for the next batch."""
         return torch.cat([self.assistant_start(), self.codes(codes), self.text(f"{IM_END}\n")], dim=1)

@@ -10,6 +10,7 @@ The uniforms come from a counter-based generator (splitmix64 of ``key + (draw <<
 each request owns a key derived from its seed, the noise of a draw depends only on (key, draw
 number, token index), so a request's samples do not depend on what else is in the batch, need no
 host round trip and can be replayed -- key 0 reproduces the golden set's recorded noise stream.
+Per-request parameters (:class:`fish_s2.request.SamplingParams`) are validated where they are built.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .request import SamplingParams
+
 RAS_WINDOW = 10       # repetition-aware sampling looks at the last 10 main tokens ...
 RAS_TEMPERATURE = 1.0  # ... and resamples a repeat with these parameters
 RAS_TOP_P = 0.9
+NO_TOKEN = -1          # an empty place in a repetition window (never a main token)
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,6 +50,11 @@ def splitmix64(x: Tensor) -> Tensor:
     z = (z ^ _shr(z, 30)) * _M1
     z = (z ^ _shr(z, 27)) * _M2
     return z ^ _shr(z, 31)
+
+
+def empty_window(rows: int, device: torch.device | str = "cpu") -> Tensor:
+    """A repetition window [rows, RAS_WINDOW] with no tokens in it yet."""
+    return torch.full((rows, RAS_WINDOW), NO_TOKEN, dtype=torch.long, device=device)
 
 
 def seed_to_key(seed: int) -> int:
@@ -79,31 +88,6 @@ def race(probs: Tensor, u: Tensor) -> Tensor:
 
 
 @dataclass
-class SamplingParams:
-    """Per-request sampling parameters (defaults: upstream server / WebUI)."""
-
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 30
-    seed: int = 0
-
-    def validate(self) -> "SamplingParams":
-        if not (0.0 <= self.temperature <= 2.0):
-            raise ValueError(f"temperature: must be in [0, 2], got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if not (1 <= self.top_k):
-            raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
-        if not (-(1 << 63) <= self.seed < (1 << 64)):
-            raise ValueError(f"seed: must fit in 64 bits, got {self.seed}")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-@dataclass
 class BatchSampling:
     """Sampling state of B rows as tensors, so one decode step samples every row at once."""
 
@@ -120,7 +104,7 @@ class BatchSampling:
         return cls(
             temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_k=torch.tensor([1 if p.greedy else p.top_k for p in params], dtype=torch.long, device=device),
+            top_k=torch.tensor([p.top_k_used for p in params], dtype=torch.long, device=device),
             key=torch.tensor(keys, dtype=torch.long, device=device),
         )
 

@@ -37,10 +37,10 @@ class SlowAR(nn.Module):
         self.rope = rope_table(c.max_seq_len, c.head_dim, c.rope_base).to(device)
         self.codebook_offsets = (torch.arange(self.cfg.num_codebooks) * self.cfg.codebook_size).to(device)
 
-    def setup_cache(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+    def new_cache(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """A KV cache for n_slots sequences of up to max_len tokens (one KVCache per layer)."""
         c, w = self.cfg.slow, self.embeddings.weight
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(n_slots, c.n_kv_head, max_len, c.head_dim, dtype or w.dtype, w.device)
+        return [KVCache(n_slots, c.n_kv_head, max_len, c.head_dim, dtype or w.dtype, w.device) for _ in self.layers]
 
     def embed(self, inp: Tensor) -> Tensor:
         """inp [B, n+1, T] (token ids; codes) -> [B, T, dim]. Codes at non-semantic positions are ignored."""
@@ -52,12 +52,13 @@ class SlowAR(nn.Module):
         return torch.where(is_semantic[..., None], scaled, x)
 
     def forward(self, inp: Tensor, input_pos: Tensor | None = None, slots: slice = slice(None),
-                kv_len: int | None = None) -> Tensor:
+                kv_len: int | None = None, cache: list[KVCache] | None = None) -> Tensor:
         """Final-norm hidden states [B, T, dim] (what the fast AR and the logits heads consume).
 
-        Without ``input_pos`` this is a plain causal pass over positions 0..T-1 that leaves the cache
-        alone. With ``input_pos`` [B, T] the new keys/values go to the KV cache rows ``slots`` and each
-        token attends to its row's cache entries up to its own position (``kv_len`` >= max position + 1).
+        Without ``input_pos`` this is a plain causal pass over positions 0..T-1 without a cache. With
+        ``input_pos`` [B, T] and ``cache`` (:meth:`new_cache`) the new keys/values go to the cache rows
+        ``slots`` and each token attends to its row's entries up to its own position (``kv_len`` >= max
+        position + 1).
         """
         x = self.embed(inp)
         if input_pos is None:
@@ -65,8 +66,8 @@ class SlowAR(nn.Module):
         else:
             kv_len = kv_len or int(input_pos.max()) + 1
             rope, mask = self.rope[input_pos], position_mask(input_pos, kv_len)
-        for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, slots, kv_len)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, input_pos, slots, kv_len, None if cache is None else cache[i])
         return self.norm(x)
 
     def head_weight(self) -> Tensor:

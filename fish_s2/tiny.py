@@ -15,11 +15,13 @@ import math
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .checkpoint import checkpoint_key
-from .codec import CodecConfig, random_codec_state_dict
+from .codec import Codec, CodecConfig
+from .codec.weights import weight_norm_style
 from .config import DualARConfig, TransformerConfig
 from .dual_ar import DualAR
 
@@ -142,3 +144,48 @@ def write_tiny_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0,
     torch.save(random_codec_state_dict(codec_cfg, seed + 1), path / "codec.pth")
     codec_cfg.to_yaml(path / "codec_config.yaml")
     return path
+
+
+def random_codec_state_dict(cfg: CodecConfig, seed: int) -> dict[str, Tensor]:
+    """Deterministic random fp32 weights in upstream's `codec.pth` key format (weight norm kept as g/v).
+
+    Init as the golden set: g U(0.4,0.8), v N; snake alpha U(0.5,1.5); codebooks N; gammas U(0.1,0.5); norms
+    1+0.1N; other weights N/sqrt(fan_in); biases 0.02N. The last conv's g is then rescaled once so that the
+    pre-tanh std is ~0.3 on random codes, i.e. decoded audio has a sane level instead of ~0.02.
+    """
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Codec(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    unif = lambda s, lo, hi: torch.rand(*s, generator=gen) * (hi - lo) + lo  # noqa: E731
+    sd: dict[str, Tensor] = {}
+    for k, s in shapes.items():
+        style = weight_norm_style(k)
+        if style:
+            stem = k[: -len("weight")]
+            g, v = unif((s[0],) + (1,) * (len(s) - 1), 0.4, 0.8), randn(*s)
+            names = ("parametrizations.weight.original0", "parametrizations.weight.original1") \
+                if style == "parametrizations" else ("weight_g", "weight_v")
+            sd[stem + names[0]], sd[stem + names[1]] = g, v
+        elif k.endswith(".alpha"):
+            sd[k] = unif(s, 0.5, 1.5)
+        elif k.endswith("gamma"):
+            sd[k] = unif(s, 0.1, 0.5)
+        elif k.endswith("codebook.weight"):
+            sd[k] = randn(*s)
+        elif k.endswith("norm.weight"):
+            sd[k] = 1 + 0.1 * randn(*s)
+        elif k.endswith(".bias"):
+            sd[k] = 0.02 * randn(*s)
+        else:
+            sd[k] = randn(*s) / math.sqrt(math.prod(s[1:]))
+    # calibrate the output level on a short random-code decode; rounded so that the file is reproducible
+    model = Codec.from_state_dict(sd, cfg)
+    q = cfg.quantizer
+    codes = torch.cat([torch.randint(0, q.semantic_codebook_size, (1, 1, 8), generator=gen),
+                       torch.randint(0, q.codebook_size, (1, q.n_codebooks, 8), generator=gen)], dim=1)
+    with torch.no_grad():
+        pre_tanh = model.decoder.model[:-1](model.quantizer.decode(codes))
+    last = f"decoder.model.{len(model.decoder.model) - 2}.conv.parametrizations.weight.original0"
+    sd[last] = sd[last] * float(f"{0.3 / pre_tanh.std().item():.3g}")
+    return sd

@@ -14,7 +14,7 @@ from torch import Tensor
 from .checkpoint import S2Checkpoint
 from .generate import generate_long
 from .prompt import PromptBuilder, Reference
-from .sampling import SamplingParams
+from .request import SamplingParams
 
 
 @torch.inference_mode()

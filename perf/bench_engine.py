@@ -3,14 +3,15 @@
 For each preset (tiny; small = dim 512, 8 slow layers, 2 fast layers), on the same random weights:
   * throughput: frames/s and audio-seconds/s of codes at concurrency 1, 4, 16, next to the
     reference `generate` run one request at a time (codec decode excluded: this measures the
-    Dual-AR engine);
+    Dual-AR engine); with `--fast-ar torch,onnx` also the engine with its fast AR in ONNX Runtime
+    (the exported `fast_ar.onnx`, the CPU profile's `fast_ar_runtime: onnx`), side by side;
   * time to first audio (request -> first chunk decoded by the codec) for a 10 s reference voice:
     cold (a new recording: codec encode + full prefill) and cached (a registered voice: stored codes,
     prompt prefix in the KV cache).
 Warm-up runs are not timed. Prints a JSON object as its last line and writes JSON + a markdown
 table under perf/results/.
 
-    python perf/bench_engine.py [--presets tiny,small] [--concurrency 1,4,16] [--frames 48]
+    python perf/bench_engine.py [--presets tiny,small] [--concurrency 1,4,16] [--frames 48] [--fast-ar torch,onnx]
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import numpy as np
 import torch
 
 from fish_s2.checkpoint import S2Checkpoint
-from fish_s2.engine import ChunkEvent, Engine, EngineConfig, EngineRequest
+from fish_s2.engine import Engine, EngineConfig
 from fish_s2.generate import generate
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import ChunkEvent, EngineRequest, SamplingParams
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import write_tiny_checkpoint
 from fish_s2.tts import encode_reference
@@ -61,23 +62,32 @@ def _drive(engine: Engine, reqs: list[EngineRequest]) -> tuple[float, int]:
     return time.perf_counter() - t, frames[0]
 
 
-def throughput(ck: S2Checkpoint, concurrency: list[int], n_frames: int, repeats: int) -> dict:
+def throughput(ck: S2Checkpoint, concurrency: list[int], n_frames: int, repeats: int, fast_ars: dict) -> dict:
+    """``fast_ars``: runner name -> fast-AR runtime (None = torch), each run side by side."""
     b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
     audio_per_frame = ck.codec.frame_length / ck.codec.sample_rate
-    engine = Engine(ck.model, EngineConfig(max_active=max(concurrency), max_queued=4 * max(concurrency),
-                                           max_prompt_tokens=512, max_frames=n_frames))
+    cfg = EngineConfig(max_active=max(concurrency), max_queued=4 * max(concurrency), max_prompt_tokens=512,
+                       max_frames=n_frames)
+    engines = {name: Engine(ck.model, cfg, fast_ar) for name, fast_ar in fast_ars.items()}
+
     # random weights may end a request early (<|im_end|>): rates use the frames actually produced
     def reqs(c: int, tag: int) -> list[EngineRequest]:
         return [EngineRequest(_prompt(b, [], TEXTS[i % len(TEXTS)])[0], SamplingParams(seed=1000 * tag + i),
                               max_frames=n_frames) for i in range(c)]
 
-    _drive(engine, reqs(max(concurrency), 0))  # warm-up
+    for engine in engines.values():
+        _drive(engine, reqs(max(concurrency), 0))  # warm-up
     rows = {}
     for c in concurrency:
-        runs = [_drive(engine, reqs(c, 1 + k)) for k in range(repeats)]
-        secs, frames = sum(r[0] for r in runs), sum(r[1] for r in runs)
-        rows[f"engine_c{c}"] = {"concurrency": c, "seconds": secs, "frames": frames, "frames_per_s": frames / secs,
-                                "audio_s_per_s": frames * audio_per_frame / secs}
+        runs = {name: [] for name in engines}
+        for k in range(repeats):            # interleaved, so that both runners see the same machine
+            for name, engine in engines.items():
+                runs[name].append(_drive(engine, reqs(c, 1 + k)))
+        for name, rs in runs.items():
+            secs, frames = sum(r[0] for r in rs), sum(r[1] for r in rs)
+            key = f"engine_c{c}" if name == "torch" else f"engine_{name}_c{c}"
+            rows[key] = {"runner": f"engine ({name} fast AR)", "concurrency": c, "seconds": secs, "frames": frames,
+                         "frames_per_s": frames / secs, "audio_s_per_s": frames * audio_per_frame / secs}
     # the plain reference generator, one request at a time (what upstream's CLI does)
     prompts = [_prompt(b, [], TEXTS[i % len(TEXTS)])[0] for i in range(max(2, repeats))]
     generate(ck.model, prompts[0], 4, SamplingParams())  # warm-up
@@ -85,8 +95,8 @@ def throughput(ck: S2Checkpoint, concurrency: list[int], n_frames: int, repeats:
     for i, p in enumerate(prompts):
         frames += generate(ck.model, p, n_frames, SamplingParams(seed=i)).frames.shape[1]
     secs = time.perf_counter() - t
-    rows["reference_generate"] = {"concurrency": 1, "seconds": secs, "frames": frames, "frames_per_s": frames / secs,
-                                  "audio_s_per_s": frames * audio_per_frame / secs}
+    rows["reference_generate"] = {"runner": "reference generate", "concurrency": 1, "seconds": secs, "frames": frames,
+                                  "frames_per_s": frames / secs, "audio_s_per_s": frames * audio_per_frame / secs}
     base = rows["engine_c1"]["audio_s_per_s"]
     for r in rows.values():
         r["vs_engine_c1"] = r["audio_s_per_s"] / base
@@ -115,7 +125,7 @@ def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int
         if refs is None:  # a new voice: encode the recording first
             refs = [Reference(text, encode_reference(ck, audio))]
         prompt, p = _prompt(b, refs, TEXTS[0])
-        engine.submit(EngineRequest(prompt, SamplingParams(seed=0), max_frames=engine.cfg.chunk_plan.first_frames,
+        engine.submit(EngineRequest(prompt, SamplingParams(seed=0), max_frames=engine.cfg.chunk_plan.first_chunk_frames,
                                     prefix_len=p), lambda ev: first.append(ev) if isinstance(ev, ChunkEvent) else None)
         while not first:
             engine.step()
@@ -132,8 +142,21 @@ def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int
     cached = [once(registered, None) for _ in range(repeats)]
     c, h = statistics.median(cold), statistics.median(cached)
     return {"reference_seconds": reference_seconds, "reference_frames": n_ref,
-            "first_chunk_frames": engine.cfg.chunk_plan.first_frames, "cold_s": c, "cached_s": h,
-            "cached_over_cold": h / c, "prefix_cache": engine.prefix_cache.stats()}
+            "first_chunk_frames": engine.cfg.chunk_plan.first_chunk_frames, "cold_s": c, "cached_s": h,
+            "cached_over_cold": h / c, "prefix_cache": engine.runner.prefix_cache.stats()}
+
+
+def _fast_ar(name: str, checkpoint: Path, threads: int | None):
+    """None for the torch fast AR, else ONNX Runtime over a fresh export of ``checkpoint``."""
+    if name == "torch":
+        return None
+    if name != "onnx":
+        raise SystemExit(f"--fast-ar: expected torch or onnx, got {name!r}")
+    from fish_s2.export.onnx_export import export_fast_ar
+    from fish_s2.ort_runtime import OrtFastAR
+
+    return OrtFastAR(export_fast_ar(checkpoint, checkpoint.parent / f"{checkpoint.name}-fast_ar.onnx").path,
+                     threads=threads)
 
 
 def markdown(result: dict) -> str:
@@ -141,8 +164,7 @@ def markdown(result: dict) -> str:
              "| preset | runner | concurrency | frames/s | audio-s/s | vs engine c=1 |", "|---|---|---|---|---|---|"]
     for preset, r in result["presets"].items():
         for name, row in r["throughput"].items():
-            runner = "reference generate" if name == "reference_generate" else "engine"
-            lines.append(f"| {preset} | {runner} | {row['concurrency']} | {row['frames_per_s']:.1f} | "
+            lines.append(f"| {preset} | {row['runner']} | {row['concurrency']} | {row['frames_per_s']:.1f} | "
                          f"{row['audio_s_per_s']:.2f} | {row['vs_engine_c1']:.2f}x |")
     lines += ["", "| preset | reference | first chunk | TTFA cold (new recording) | TTFA cached (registered voice) "
               "| cached/cold |", "|---|---|---|---|---|---|"]
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--reference-seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--fast-ar", default="torch", help="fast-AR runtimes to compare: torch, onnx (ONNX Runtime)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     if args.threads:
@@ -175,9 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
               "presets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
-            ck = S2Checkpoint.load(write_tiny_checkpoint(Path(tmp) / preset, preset=preset, seed=0))
+            path = write_tiny_checkpoint(Path(tmp) / preset, preset=preset, seed=0)
+            ck = S2Checkpoint.load(path)
+            fast_ars = {name: _fast_ar(name, path, args.threads) for name in args.fast_ar.split(",")}
             with torch.inference_mode():
-                result["presets"][preset] = {"throughput": throughput(ck, conc, args.frames, args.repeats),
+                result["presets"][preset] = {"throughput": throughput(ck, conc, args.frames, args.repeats, fast_ars),
                                              "ttfa": time_to_first_audio(ck, args.reference_seconds, 3)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ import onnxruntime as ort, torch
 from torch import nn
 from fish_s2.checkpoint import load_config, load_dual_ar
 from fish_s2.dual_ar import sample_codes
-from fish_s2.sampling import BatchSampling, SamplingParams, logits_to_probs, race, uniform_noise
+from fish_s2.request import SamplingParams
+from fish_s2.sampling import BatchSampling, logits_to_probs, race, uniform_noise
 warnings.filterwarnings("ignore"); torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 ck, out = sys.argv[1], sys.argv[2]
 cfg, _ = load_config(ck)
@@ -35,16 +36,15 @@ class GivenNoise(BatchSampling):
 class Loop(nn.Module):
     def __init__(self): super().__init__(); self.fast, self.cfg = fast, cfg
     def forward(self, hidden, main, temperature, top_p, top_k, noise):
-        for l in self.fast.layers: l.attention.kv_cache = Cat()
-        return sample_codes(self, hidden, main, GivenNoise(temperature, top_p, top_k, noise), torch.zeros_like(main))
+        return sample_codes(self, hidden, main, GivenNoise(temperature, top_p, top_k, noise), torch.zeros_like(main),
+                            [Cat() for _ in self.fast.layers])
 
 class Step(nn.Module):
     def __init__(self, pos): super().__init__(); self.pos = pos; self.fast = fast
     def forward(self, x, *kv):
         caches = [Cat(kv[2*i], kv[2*i+1]) if self.pos else Cat() for i in range(len(self.fast.layers))]
-        for l, c in zip(self.fast.layers, caches): l.attention.kv_cache = c
         inp = self.fast.project_in(x) if self.pos == 0 else self.fast.embeddings(x)
-        logits = self.fast.step(inp, self.pos, logits=self.pos > 0)
+        logits = self.fast.step(inp, self.pos, caches, logits=self.pos > 0)
         outs = [t for c in caches for t in (c.k, c.v)]
         return (logits, *outs) if self.pos else tuple(outs)
 
@@ -84,7 +84,7 @@ def run_steps(hidden, main, s, draw0):
     return torch.stack(codes, 1)
 
 def run_torch(hidden, main, s, draw0):
-    return sample_codes(model, hidden, main, s, draw0)
+    return sample_codes(model, hidden, main, s, draw0, fast_cache)
 
 def bench(fn, *a, n=30):
     for _ in range(3): fn(*a)
@@ -96,7 +96,7 @@ def bench(fn, *a, n=30):
 print(f"{ck}: slow dim {cfg.slow.dim}, fast dim {cfg.fast.dim} x {cfg.fast.n_layer} layers, threads {torch.get_num_threads()}")
 with torch.no_grad():
     for B in (1, 8, 32):
-        model.fast.setup_cache(B)
+        fast_cache = model.fast.new_cache(B)
         hidden = torch.randn(B, cfg.slow.dim); main = torch.randint(cfg.semantic_begin_id, cfg.semantic_end_id, (B,))
         s = BatchSampling.of([SamplingParams(seed=i) for i in range(B)]); draw0 = torch.arange(B) * 11
         a, b, c = run_torch(hidden, main, s, draw0), run_loop(hidden, main, s, draw0), run_steps(hidden, main, s, draw0)

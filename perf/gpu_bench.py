@@ -27,9 +27,11 @@ import torch
 from fish_s2.codec import Codec, CodecConfig
 from fish_s2.config import S2_PRO_CONFIG_JSON, DualARConfig
 from fish_s2.dual_ar import DualAR
-from fish_s2.engine import ChunkEvent, Engine, EngineConfig, EngineRequest, Finished
-from fish_s2.sampling import SamplingParams
-from fish_s2.streaming import ChunkPlan, decode_chunks
+from fish_s2.engine import Engine, EngineConfig
+from fish_s2.request import ChunkEvent, EngineRequest, Finished
+from fish_s2.request import SamplingParams
+from fish_s2.request import ChunkPlan
+from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import PRESETS
 
 
@@ -99,10 +101,10 @@ def timed(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
 
 def fill(engine: Engine, n: int, prompt_len: int, max_frames: int) -> None:
     """Admit n requests of prompt_len tokens that will not end during the measurement."""
-    vocab = engine.model.cfg.semantic_begin_id  # text ids only
+    vocab = engine.model_cfg.semantic_begin_id  # text ids only
     g = torch.Generator().manual_seed(n)
     for i in range(n):
-        prompt = torch.zeros(engine.model.cfg.frame_rows, prompt_len, dtype=torch.long)
+        prompt = torch.zeros(engine.model_cfg.frame_rows, prompt_len, dtype=torch.long)
         prompt[0] = torch.randint(0, vocab, (prompt_len,), generator=g)
         engine.submit(EngineRequest(prompt, SamplingParams(seed=i), max_frames=max_frames), lambda ev: None)
     while engine.stats()["queued"]:
@@ -110,25 +112,27 @@ def fill(engine: Engine, n: int, prompt_len: int, max_frames: int) -> None:
 
 
 def drain(engine: Engine) -> None:
-    for row in list(engine.rows):
-        engine.cancel(row.req.request_id)
+    for live in list(engine.rows):
+        engine.cancel(live.request_id)
     engine.step()
 
 
 def decode_times(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int) -> list[dict]:
     """Per-frame decode time at each batch size, eager and (on CUDA) graphed; slow part separately."""
-    model, device = engine.model, engine.device
+    runner = engine.runner
+    model, device = runner.model, runner.device
     out = []
     for n in batch_sizes:
         fill(engine, n, prompt_len, max_frames=engine.cfg.max_frames)
-        kv_len = max(r.pos for r in engine.rows) + steps * 2 + 8
+        kv_len = max(runner.positions) + steps * 2 + 8
         row = {"batch": n, "kv_len": kv_len, "bytes_per_step": bytes_per_step(model, n, kv_len)}
         modes = [False, True] if device.type == "cuda" else [False]
         for graphs in modes:
-            engine.use_graphs = graphs
-            total = timed(engine.decode_step, device, steps)
+            runner.use_graphs = graphs
+            total = timed(runner.step, device, steps)
             sl = slice(0, n)
-            slow_fn = lambda: model.slow(engine.cur[sl, :, None], engine.pos[sl, None], sl, kv_len)  # noqa: E731
+            slow_fn = lambda: model.slow(runner.cur[sl, :, None], runner.pos[sl, None], sl, kv_len,  # noqa: E731
+                                         runner.slow_cache)
             if graphs:
                 slow_fn = _graphed(slow_fn, device)
             with torch.inference_mode():
@@ -138,7 +142,7 @@ def decode_times(engine: Engine, batch_sizes: list[int], prompt_len: int, steps:
                         "per_frame_ms": 1e3 * total / n, "frames_per_s": n / total}
         out.append(row)
         drain(engine)
-    engine.use_graphs = engine.cfg.cuda_graphs and device.type == "cuda"
+    runner.use_graphs = engine.cfg.cuda_graphs and device.type == "cuda"
     return out
 
 
@@ -157,7 +161,7 @@ def _graphed(fn, device: torch.device):
 
 def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: int, repeats: int) -> dict:
     """Warm a voice prefix, then: submit (prefix hit + text_len new tokens) -> first chunk -> decoded audio."""
-    cfg = engine.model.cfg
+    cfg = engine.model_cfg
     g = torch.Generator().manual_seed(7)
     voice = torch.zeros(cfg.frame_rows, voice_len, dtype=torch.long)
     voice[0] = torch.randint(0, cfg.semantic_begin_id, (voice_len,), generator=g)
@@ -169,16 +173,16 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
         text = torch.zeros(cfg.frame_rows, text_len, dtype=torch.long)
         text[0] = torch.randint(0, cfg.semantic_begin_id, (text_len,), generator=torch.Generator().manual_seed(text_seed))
         first: list[ChunkEvent] = []
-        sync(engine.device)
+        sync(engine.runner.device)
         t = time.perf_counter()
         engine.submit(EngineRequest(torch.cat([voice, text], 1), SamplingParams(seed=text_seed),
-                                    max_frames=engine.cfg.chunk_plan.first_frames, prefix_len=voice_len),
+                                    max_frames=engine.cfg.chunk_plan.first_chunk_frames, prefix_len=voice_len),
                       lambda ev: first.append(ev) if isinstance(ev, ChunkEvent) else None)
         while not first:
             engine.step()
         t_codes = time.perf_counter() - t
         decode_chunks(codec, [first[0].chunk])
-        sync(engine.device)
+        sync(engine.runner.device)
         dt = time.perf_counter() - t
         while engine.rows:
             engine.step()
@@ -188,16 +192,16 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
     once(1)
     runs = [once(2 + i) for i in range(repeats)]
     return {"voice_prefix_tokens": voice_len, "text_tokens": text_len,
-            "first_chunk_frames": engine.cfg.chunk_plan.first_frames,
+            "first_chunk_frames": engine.cfg.chunk_plan.first_chunk_frames,
             "ttfa_ms_median": 1e3 * statistics.median(r[0] for r in runs),
             "first_chunk_codes_ms_median": 1e3 * statistics.median(r[1] for r in runs),
-            "prefix_cache": engine.prefix_cache.stats()}
+            "prefix_cache": engine.runner.prefix_cache.stats()}
 
 
 def throughput(engine: Engine, concurrency: int, prompt_len: int, frames_per_request: int, seconds: float,
                frame_seconds: float) -> dict:
     """Closed loop: keep `concurrency` requests in flight; frames generated (and streamed) per wall second."""
-    cfg = engine.model.cfg
+    cfg = engine.model_cfg
     state = {"done": 0, "next": 0}
 
     def submit() -> None:
@@ -212,17 +216,17 @@ def throughput(engine: Engine, concurrency: int, prompt_len: int, frames_per_req
             state["done"] += 1
             submit()
 
-    engine.capture_graphs(concurrency, prompt_len + frames_per_request + 1)
+    engine.runner.capture_graphs(concurrency, prompt_len + frames_per_request + 1)
     for _ in range(concurrency):
         submit()
     for _ in range(5):  # warm-up
         engine.step()
-    sync(engine.device)
-    f0, t = engine.frames_generated, time.perf_counter()
+    sync(engine.runner.device)
+    f0, t = engine.lifecycle.frames_generated, time.perf_counter()
     while time.perf_counter() - t < seconds:
         engine.step()
-    sync(engine.device)
-    dt, frames = time.perf_counter() - t, engine.frames_generated - f0
+    sync(engine.runner.device)
+    dt, frames = time.perf_counter() - t, engine.lifecycle.frames_generated - f0
     drain(engine)
     return {"concurrency": concurrency, "seconds": dt, "frames": frames, "requests_finished": state["done"],
             "frames_per_s": frames / dt, "audio_s_per_s": frames * frame_seconds / dt,

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fish_s2.client import AsyncTTSClient, TTSClient, TTSError
+from fish_s2.client import AsyncTTSClient, TTSClient
+from fish_s2.request import RequestError
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 SHARED_VOICE = "loadgen-shared"
@@ -87,7 +88,7 @@ async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample
         s.ok = n > 0
         if not s.ok:
             s.error = "no audio"
-    except TTSError as e:
+    except RequestError as e:
         s.error = str(e)
     return s
 

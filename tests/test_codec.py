@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fish_s2.codec import (Codec, CodecConfig, QuantizerConfig, TransformerConfig, WindowLimitedTransformer,
-                           bake_weight_norm, random_codec_state_dict)
+from fish_s2.codec import (Codec, CodecConfig, CodecTransformerConfig, QuantizerConfig, WindowLimitedTransformer,
+                           bake_weight_norm)
+from fish_s2.tiny import random_codec_state_dict
 
 GOLDEN = Path(os.environ.get("FISH_S2_GOLDEN", "/work/shared/golden/public"))
 
@@ -208,12 +209,12 @@ def test_encode_length(tiny_codec):
 
 
 def test_rope_table_grows_beyond_block_size():
-    cfg = TransformerConfig(n_layer=1, n_head=2, dim=32, intermediate_size=64, head_dim=16, input_dim=24,
+    cfg = CodecTransformerConfig(n_layer=1, n_head=2, dim=32, intermediate_size=64, head_dim=16, input_dim=24,
                             window_size=5, block_size=8)
     torch.manual_seed(0)
     small = WindowLimitedTransformer(cfg)
     big = copy.deepcopy(small)
-    big.rope = WindowLimitedTransformer(TransformerConfig(**{**cfg.__dict__, "block_size": 64})).rope
+    big.rope = WindowLimitedTransformer(CodecTransformerConfig(**{**cfg.__dict__, "block_size": 64})).rope
     x = torch.randn(2, 24, 20)
     with torch.no_grad():
         torch.testing.assert_close(small(x), big(x), atol=0, rtol=0)
@@ -222,7 +223,7 @@ def test_rope_table_grows_beyond_block_size():
 
 def test_variant_config_runs():
     """Other golden sets may use other layouts: projections, no window, downsample dims, no pre_module."""
-    tf = TransformerConfig(n_layer=2, n_head=2, dim=48, intermediate_size=96, head_dim=8, input_dim=32,
+    tf = CodecTransformerConfig(n_layer=2, n_head=2, dim=48, intermediate_size=96, head_dim=8, input_dim=32,
                            window_size=None, block_size=16)
     cfg = CodecConfig(encoder_dim=8, latent_dim=32, decoder_dim=32, encoder_transformer_layers=(0, 0, 1, 0),
                       encoder_rates=(2, 4, 8, 8),
@@ -344,15 +345,6 @@ def test_random_state_dict_format_and_round_trip(tmp_path, golden_codec):
     with torch.no_grad():
         audio = codec.decode(torch.randint(0, 1024, (1, 10, 8), generator=torch.Generator().manual_seed(0)))
     assert 0.1 < audio.std() < 0.35 and audio.abs().max() < 1
-
-
-def test_random_state_dict_is_fast():
-    import time
-
-    random_codec_state_dict(CodecConfig.tiny(), seed=0)  # warm-up (lazy torch imports, kernel init)
-    t = time.perf_counter()
-    random_codec_state_dict(CodecConfig.tiny(), seed=1)
-    assert time.perf_counter() - t < 1.0
 
 
 # ------------------------------------------------------------------------------------------------- ONNX

@@ -1,16 +1,19 @@
 """The batched engine: equal to the reference generator, batch invariant, cancellable, cached, bounded."""
 
+import dataclasses
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from fish_s2.engine import (ChunkEvent, Engine, EngineBusy, EngineConfig, EngineRequest, Finished, RequestError,
-                            chunks_to_codes, collect)
+from fish_s2.engine import Engine, EngineConfig
+from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, InvalidArgument, Unavailable, chunks_to_codes,
+                             collect, new_request_id)
 from fish_s2.generate import generate
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.sampling import SamplingParams
-from fish_s2.streaming import ChunkPlan
+from fish_s2.request import SamplingParams
+from fish_s2.request import ChunkPlan
 
 CFG = EngineConfig(max_active=12, max_queued=16, max_prompt_tokens=400, max_frames=48)
 
@@ -50,7 +53,7 @@ def test_sampled_requests_match_the_reference_generator(tiny, engine):
                      voice=_voice(i % 3), max_frames=30) for i in range(6)]
     for req, (chunks, done) in zip(reqs, _run(engine, reqs)):
         assert done.reason in ("stop", "length") and done.error is None
-        assert torch.equal(chunks_to_codes(chunks), _expected(tiny, req, 30))
+        assert np.array_equal(chunks_to_codes(chunks), _expected(tiny, req, 30))
 
 
 def test_greedy_request_is_batch_invariant(tiny, engine):
@@ -59,11 +62,11 @@ def test_greedy_request_is_batch_invariant(tiny, engine):
     others = [_request(tiny, f"Other text {i} with more words.", SamplingParams(seed=i), voice=_voice(i),
                        max_frames=10 + 3 * i) for i in range(8)]
     together = _run(engine, others[:4] + [target] + others[4:])
-    assert torch.equal(chunks_to_codes(together[4][0]), chunks_to_codes(alone))
+    assert np.array_equal(chunks_to_codes(together[4][0]), chunks_to_codes(alone))
 
 
 def test_chunks_follow_the_plan(tiny, engine):
-    plan = ChunkPlan(first_frames=4, chunk_frames=7, context_frames=5)
+    plan = ChunkPlan(first_chunk_frames=4, chunk_frames=7, context_frames=5)
     req = _request(tiny, "Chunk me.", SamplingParams(seed=3), max_frames=30, chunk_plan=plan)
     (chunks, done), = _run(engine, [req])
     assert [c.index for c in chunks] == list(range(len(chunks)))
@@ -73,7 +76,7 @@ def test_chunks_follow_the_plan(tiny, engine):
     codes = chunks_to_codes(chunks)
     for c in chunks[1:]:  # the context is the frames just before the chunk
         start = sum(sizes[: c.index])
-        assert torch.equal(c.codes[:, : c.context], codes[:, start - c.context: start])
+        assert np.array_equal(c.codes[:, : c.context], codes[:, start - c.context: start])
 
 
 def test_cancel_frees_the_slot(tiny):
@@ -88,7 +91,7 @@ def test_cancel_frees_the_slot(tiny):
                 first.set()
 
         req = _request(tiny, "Cancel me soon.", SamplingParams(seed=1), max_frames=48,
-                       chunk_plan=ChunkPlan(first_frames=1, chunk_frames=1, context_frames=0))
+                       chunk_plan=ChunkPlan(first_chunk_frames=1, chunk_frames=1, context_frames=0))
         # keep it from ending on its own before the cancel arrives
         engine.submit(req, sink)
         assert first.wait(30)
@@ -137,11 +140,11 @@ def test_prefix_cache_is_content_keyed(tiny, engine):
     results = []
     for r in reqs:
         results += _run(engine, [r])
-    stats = engine.prefix_cache.stats()
+    stats = engine.runner.prefix_cache.stats()
     assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 2, 2)
     # a cache hit gives exactly what a full prefill gives
     for req, (chunks, _) in zip(reqs, results):
-        assert torch.equal(chunks_to_codes(chunks), _expected(tiny, req, 8))
+        assert np.array_equal(chunks_to_codes(chunks), _expected(tiny, req, 8))
 
 
 def test_cached_prefill_skips_the_prefix(tiny, engine):
@@ -170,29 +173,33 @@ def test_prefix_cache_evicts_least_recently_used(tiny):
                                              prefix_cache_bytes=int(2.5 * entry)))
     for r in reqs[:3] + reqs[:1]:  # the 3rd evicts voice 0, so voice 0 misses again
         _run(engine, [r])
-    s = engine.prefix_cache.stats()
+    s = engine.runner.prefix_cache.stats()
     assert (s["entries"], s["bytes"], s["hits"], s["misses"], s["evictions"]) == (2, 2 * entry, 0, 4, 2)
 
 
 def test_limits_are_immediate_errors(tiny):
     engine = Engine(tiny.model, EngineConfig(max_active=1, max_queued=2, max_prompt_tokens=64, max_frames=16))
     ok = _request(tiny, "ok", SamplingParams(), max_frames=4)
-    with pytest.raises(RequestError, match="max_prompt_tokens"):
+    with pytest.raises(InvalidArgument, match="max_prompt_tokens"):
         engine.submit(_request(tiny, "word " * 80, SamplingParams()))
-    with pytest.raises(RequestError, match="max_frames"):
+    with pytest.raises(InvalidArgument, match="max_frames"):
         engine.submit(EngineRequest(ok.prompt, max_frames=17))
-    with pytest.raises(RequestError, match="temperature"):
+    with pytest.raises(InvalidArgument, match="temperature"):
         engine.submit(EngineRequest(ok.prompt, SamplingParams(temperature=3.0)))
-    with pytest.raises(RequestError, match="prefix_len"):
+    with pytest.raises(InvalidArgument, match="prefix_len"):
         engine.submit(EngineRequest(ok.prompt, prefix_len=ok.prompt.shape[1]))
-    with pytest.raises(RequestError, match="prompt"):
+    with pytest.raises(InvalidArgument, match="prompt"):
         engine.submit(EngineRequest(ok.prompt[:5]))
-    with pytest.raises(RequestError, match="chunk_frames"):
+    with pytest.raises(InvalidArgument, match="chunk_frames"):
         engine.submit(EngineRequest(ok.prompt, chunk_plan=ChunkPlan(chunk_frames=0)))
-    engine.submit(ok)
-    engine.submit(ok)
-    with pytest.raises(EngineBusy, match="queue full"):
+    for _ in range(3):   # max_active + max_queued in flight, then busy
+        engine.submit(dataclasses.replace(ok, request_id=new_request_id()))
+    with pytest.raises(Busy, match="busy: 3 requests in flight"):
         engine.submit(ok)
+    other = Engine(tiny.model, CFG)
+    other.submit(ok)
+    with pytest.raises(InvalidArgument, match="^request_id:"):
+        other.submit(ok)
 
 
 def test_broken_sink_does_not_stop_the_engine(tiny, engine):
@@ -200,7 +207,7 @@ def test_broken_sink_does_not_stop_the_engine(tiny, engine):
         raise RuntimeError("client went away")
 
     engine.submit(_request(tiny, "Broken.", SamplingParams(), max_frames=20,
-                           chunk_plan=ChunkPlan(first_frames=1)), sink)
+                           chunk_plan=ChunkPlan(first_chunk_frames=1)), sink)
     for _ in range(5):
         engine.step()
     assert not engine.rows
@@ -208,12 +215,70 @@ def test_broken_sink_does_not_stop_the_engine(tiny, engine):
     assert done.reason in ("stop", "length")
 
 
+def test_sink_raising_mid_stream_leaves_the_loop_running(tiny):
+    """A sink that raises on its second chunk: its request is cancelled and gets exactly one Finished;
+    the loop thread keeps serving the others to their end."""
+    engine = Engine(tiny.model, CFG).start()
+    try:
+        events, done = [], threading.Event()
+
+        def sink(ev):
+            events.append(ev)
+            if isinstance(ev, Finished):
+                done.set()
+            elif ev.chunk.index == 1:
+                raise RuntimeError("client went away")
+
+        plan = ChunkPlan(first_chunk_frames=1, chunk_frames=1, context_frames=0)
+        others = [engine.submit(_request(tiny, f"Other {i}.", SamplingParams(seed=i), max_frames=12)) for i in range(3)]
+        engine.submit(_request(tiny, "Broken later.", SamplingParams(seed=9), max_frames=40, chunk_plan=plan), sink)
+        assert done.wait(60)
+        results = [collect(h)[1] for h in others]
+        assert all(r.reason in ("stop", "length") for r in results)
+        finished = [e for e in events if isinstance(e, Finished)]
+        assert len(finished) == 1 and finished[0].reason in ("cancelled", "stop")
+        assert engine._thread.is_alive() and engine.stats()["active"] == 0
+    finally:
+        engine.stop()
+
+
+def test_stop_with_a_stuck_loop_still_finishes_every_request(tiny):
+    """stop() whose join times out (a decode step that hangs) ends every request once; the step's late
+    results are dropped when it returns."""
+    engine = Engine(tiny.model, CFG)
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.runner.step
+
+    def stuck_step():
+        entered.set()
+        release.wait(30)
+        return real_step()
+
+    engine.runner.step = stuck_step
+    handles = [engine.submit(_request(tiny, f"Stuck {i}.", SamplingParams(seed=i), max_frames=30)) for i in range(3)]
+    engine.start()
+    thread = engine._thread
+    try:
+        assert entered.wait(30)
+        engine.stop(timeout=0.2)
+        assert thread.is_alive()                      # the loop did not exit in time ...
+        for h in handles:                              # ... yet every request has its one Finished
+            chunks, fin = collect(h)
+            assert fin.reason == "cancelled"
+    finally:
+        release.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    for h in handles:                                  # nothing after the Finished
+        assert h._events.empty()
+
+
 def test_stop_cancels_queued_requests(tiny):
     engine = Engine(tiny.model, CFG)
     h = engine.submit(_request(tiny, "queued", SamplingParams()))
     engine.stop()
     assert collect(h)[1].reason == "cancelled"
-    with pytest.raises(EngineBusy):
+    with pytest.raises(Unavailable):
         engine.submit(_request(tiny, "late", SamplingParams()))
 
 
@@ -222,7 +287,7 @@ def test_out_of_range_ids_and_codes_are_refused(tiny, engine):
     bad_id, bad_code = ok.prompt.clone(), ok.prompt.clone()
     bad_id[0, 1] = tiny.config.vocab_size
     bad_code[3, 2] = tiny.config.codebook_size
-    with pytest.raises(RequestError, match=r"prompt: token ids"):
+    with pytest.raises(InvalidArgument, match=r"prompt: token ids"):
         engine.submit(EngineRequest(bad_id))
-    with pytest.raises(RequestError, match=r"prompt: codes"):
+    with pytest.raises(InvalidArgument, match=r"prompt: codes"):
         engine.submit(EngineRequest(bad_code))

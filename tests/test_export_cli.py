@@ -16,7 +16,7 @@ from fish_s2.checkpoint import load_config
 from fish_s2.export import onnx_export, stages
 from fish_s2.export.__main__ import main
 from fish_s2.ort_runtime import OrtCodecDecoder, OrtCodecEncoder, OrtFastAR
-from fish_s2.streaming import ChunkPlan
+from fish_s2.request import ChunkPlan
 from fish_s2.tiny import write_tiny_checkpoint
 
 CPU_STAGES = ("onnx-fast-ar", "onnx-codec-decoder", "onnx-codec-encoder", "trtllm-checkpoint")
@@ -87,7 +87,7 @@ def test_trt_profiles_dry_run_on_the_export(real_export, capsys):
     assert plans.main(["--onnx-dir", str(out / "onnx"), "--dry-run", "--max-batch", "16"]) == 0
     text = capsys.readouterr().out
     chunks = ChunkPlan()
-    hi = max(chunks.first_frames, chunks.chunk_frames) + chunks.context_frames
+    hi = max(chunks.first_chunk_frames, chunks.chunk_frames) + chunks.context_frames
     assert f"codec_decoder.codes: [1, 10, 1] / [8, 10, {chunks.chunk_frames + chunks.context_frames}] / [16, 10, {hi}]" in text
     assert "fast_ar: no plan" in text and "3840" in text
     assert plans.main(["--onnx-dir", str(out / "onnx")]) == 2   # building needs --out-dir
@@ -239,7 +239,7 @@ def test_profiles_default(plans):
     p = plans.profiles(META, s)
     chunks = ChunkPlan()
     opt_f = chunks.chunk_frames + chunks.context_frames
-    max_f = max(chunks.first_frames, chunks.chunk_frames) + chunks.context_frames
+    max_f = max(chunks.first_chunk_frames, chunks.chunk_frames) + chunks.context_frames
     assert p["codec_decoder"] == {"codes": ((1, 10, 1), (s.opt_batch, 10, opt_f), (s.max_batch, 10, max_f))}
     lo, opt, hi = p["codec_encoder"]["audio"]
     assert lo == (1, 2048) and opt[0] == 1 and hi[0] == s.encoder_max_batch

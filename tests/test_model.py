@@ -5,7 +5,7 @@ import torch
 from fish_s2.checkpoint import S2Checkpoint
 from fish_s2.generate import generate
 from fish_s2.prompt import PromptBuilder
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import SamplingParams
 from fish_s2.tiny import write_tiny_checkpoint
 
 
@@ -20,8 +20,9 @@ def test_cached_chunks_equal_full_forward(tiny):
     inp = _prompt(tiny)[None]
     T = inp.shape[-1]
     full = slow(inp)
-    slow.setup_cache(3, T + 4)
-    parts = [slow(inp[..., a:b], torch.arange(a, b)[None], slice(2, 3)) for a, b in ((0, 5), (5, T - 1), (T - 1, T))]
+    cache = slow.new_cache(3, T + 4)
+    parts = [slow(inp[..., a:b], torch.arange(a, b)[None], slice(2, 3), cache=cache)
+             for a, b in ((0, 5), (5, T - 1), (T - 1, T))]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
@@ -30,14 +31,14 @@ def test_rows_at_different_positions_share_a_step(tiny):
     """Two sequences of different lengths decoded in one batched step match their solo steps."""
     slow = tiny.model.slow
     a, b = _prompt(tiny, "Short."), _prompt(tiny, "A somewhat longer sentence to speak.")
-    slow.setup_cache(2, 128)
+    cache = slow.new_cache(2, 128)
     solo = []
     for i, p in enumerate((a, b)):
-        slow(p[None, :, :-1], torch.arange(p.shape[1] - 1)[None], slice(i, i + 1))
-        solo.append(slow(p[None, :, -1:], torch.tensor([[p.shape[1] - 1]]), slice(i, i + 1)))
+        slow(p[None, :, :-1], torch.arange(p.shape[1] - 1)[None], slice(i, i + 1), cache=cache)
+        solo.append(slow(p[None, :, -1:], torch.tensor([[p.shape[1] - 1]]), slice(i, i + 1), cache=cache))
     last = torch.stack([a[:, -1], b[:, -1]])[..., None]
     pos = torch.tensor([[a.shape[1] - 1], [b.shape[1] - 1]])
-    both = slow(last, pos, slice(0, 2))
+    both = slow(last, pos, slice(0, 2), cache=cache)
     assert torch.allclose(both, torch.cat(solo), atol=1e-5)
 
 

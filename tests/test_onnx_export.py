@@ -16,7 +16,8 @@ from fish_s2.codec import Codec, CodecConfig
 from fish_s2.dual_ar import sample_codes
 from fish_s2.export import onnx_export
 from fish_s2.ort_runtime import OrtCodecDecoder, OrtCodecEncoder, OrtFastAR
-from fish_s2.sampling import BatchSampling, SamplingParams
+from fish_s2.request import SamplingParams
+from fish_s2.sampling import BatchSampling
 from fish_s2.tiny import write_tiny_checkpoint
 
 
@@ -42,9 +43,8 @@ def codec(tiny_checkpoint):
 def _torch_codes(checkpoint, hidden, main, sampling, draw0):
     cfg, _ = load_config(checkpoint)
     model = load_dual_ar(checkpoint, cfg)
-    model.fast.setup_cache(hidden.shape[0])
     with torch.no_grad():
-        return sample_codes(model, hidden, main, sampling, draw0)
+        return sample_codes(model, hidden, main, sampling, draw0, model.fast.new_cache(hidden.shape[0]))
 
 
 def _frame_inputs(checkpoint, B: int, seed: int):
@@ -197,7 +197,8 @@ def test_export_metadata_is_json_serializable(exported):
 
 def test_engine_with_the_onnx_fast_ar_matches_torch(tiny, exported):
     """The engine can run its fast AR in ONNX Runtime (the CPU serving option) with identical frames."""
-    from fish_s2.engine import Engine, EngineConfig, EngineRequest, chunks_to_codes, collect
+    from fish_s2.engine import Engine, EngineConfig
+    from fish_s2.request import EngineRequest, chunks_to_codes, collect
     from fish_s2.prompt import PromptBuilder
 
     b = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
@@ -211,4 +212,4 @@ def test_engine_with_the_onnx_fast_ar_matches_torch(tiny, exported):
             engine.step()
         results.append([chunks_to_codes(collect(h)[0]) for h in handles])
     for torch_codes, ort_codes in zip(*results):
-        assert torch.equal(torch_codes, ort_codes)
+        assert np.array_equal(torch_codes, ort_codes)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from fish_s2.client import AudioChunk
-from fish_s2.serving.openai_api import DEFAULT_MODEL, BadRequest, parse_request, pcm16, wav_header
+from fish_s2.request import InvalidArgument
+from fish_s2.serving import protocol
+from fish_s2.serving.openai_api import DEFAULT_MODEL, parse_request, pcm16, wav_header
 
 
 def body(**kw):
@@ -31,13 +33,16 @@ def test_voice_and_extensions_reach_the_client():
 
 
 @pytest.mark.parametrize("kw,field", [
-    ({"speed": 1.5}, "speed"), ({"response_format": "mp3"}, "response_format"), ({"input": "  "}, "input"),
+    ({"speed": 1.5}, "speed"), ({"response_format": "mp3"}, "response_format"), ({"input": 3}, "input"),
     ({"model": "tts-1"}, "model"), ({"instructions": "be happy"}, "instructions"), ({"stream": "yes"}, "stream"),
-    ({"seed": 1.5}, "seed"), ({"temperature": "hot"}, "temperature"), ({"voice": ""}, "voice"),
-    ({"input": "x" * 5000}, "input")])
+    ({"voice": ""}, "voice"),
+    # the tts fields: checked (before any cast) where the request tensors are built
+    ({"seed": 1.5}, "seed"), ({"temperature": "hot"}, "temperature"), ({"seed": 2 ** 70}, "seed"),
+    ({"top_k": 2 ** 32 + 8}, "top_k"), ({"max_frames": 2 ** 32 + 8}, "max_frames"), ({"top_k": True}, "top_k")])
 def test_bad_requests_name_the_field(kw, field):
-    with pytest.raises(BadRequest, match=f"^{field}:"):
-        parse_request(body(**kw), DEFAULT_MODEL)
+    with pytest.raises(InvalidArgument, match=f"^{field}:"):
+        text, _, _, fields = parse_request(body(**kw), DEFAULT_MODEL)
+        protocol.tts_inputs(text, **fields)
 
 
 def test_wav_header_with_known_and_unknown_length():
@@ -58,17 +63,73 @@ def test_pcm16_from_float_and_int16_chunks():
 
 
 @pytest.mark.parametrize("message,code,expected", [
-    ("in ensemble 'tts', voice_id: unknown voice 'x'", None, (400, "voice", "voice: unknown voice 'x'")),
-    ("in ensemble 'tts', temperature: must be in [0, 2], got 9.0", None, (400, "temperature", None)),
-    ("text: must not be empty", "INVALID_ARGUMENT", (400, "input", "input: must not be empty")),
-    ("in ensemble 'tts', queue full: 64 requests waiting", None, (503, None, None)),
+    ("in ensemble 'tts', voice_id: unknown voice 'x' [fish-s2:NOT_FOUND]", None, (404, "voice", "voice: unknown voice 'x'")),
+    ("in ensemble 'tts', temperature: must be in [0, 2], got 9 [fish-s2:INVALID_ARGUMENT]", None,
+     (400, "temperature", None)),
+    ("in ensemble 'tts', busy: 80 requests in flight (limit 80); retry later [fish-s2:BUSY]", None, (429, None, None)),
+    ("the engine is shutting down; retry on another server [fish-s2:UNAVAILABLE]", None, (503, None, None)),
     ("connection reset", "UNAVAILABLE", (503, None, None)),
-    ("in ensemble 'tts', decode step failed: boom", None, (500, None, None))])
+    ("Deadline", "CANCELLED", (499, None, None)),
+    ("in ensemble 'tts', decode step failed: boom [fish-s2:INTERNAL]", None, (500, None, None)),
+    ("text: no tag, no code", None, (500, None, None))])
 def test_server_errors_map_to_http_statuses(message, code, expected):
-    from fish_s2.client import TTSError
-    from fish_s2.serving.openai_api import classify
+    from fish_s2.request import from_wire
+    from fish_s2.serving.openai_api import error_body
 
-    status, field, text = classify(TTSError(message, code))
-    assert (status, field) == expected[:2]
+    status, body_ = error_body(from_wire(message, code))
+    assert (status, body_["error"]["param"]) == expected[:2]
     if expected[2]:
-        assert text == expected[2]
+        assert body_["error"]["message"] == expected[2]
+
+
+class _PbUtils:
+    """The part of triton_python_backend_utils that turns an error into a TritonError."""
+
+    class TritonError:
+        INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, ALREADY_EXISTS, CANCELLED = range(6)
+
+        def __init__(self, message, code):
+            self.msg, self.code = message, code
+
+
+def _http_status(error) -> int:
+    """What the OpenAI bridge answers for an engine's error that crossed Triton (dual_ar's error
+    response, the client's reading of it): the real functions on each side."""
+    from fish_s2.request import from_wire
+    from fish_s2.serving.adapter import triton_error
+    from fish_s2.serving.openai_api import error_body
+
+    return error_body(from_wire("in ensemble 'tts', " + triton_error(_PbUtils, error).msg))[0]
+
+
+def test_both_engines_errors_give_the_same_http_status(tiny, tiny_checkpoint, tmp_path):
+    """Busy and invalid requests, raised by the torch engine and by the TensorRT-LLM engine (over its CPU
+    stand-in executor): the same HTTP status from each."""
+    import dataclasses
+
+    from fish_s2.engine import Engine, EngineConfig
+    from fish_s2.request import Busy, EngineRequest, new_request_id
+    from fish_s2.trtllm.convert import convert_checkpoint
+    from fish_s2.trtllm.engine import TrtllmEngine
+    from trtllm_fakes import FakeExecutor, FakeLLM, fake_sampling_params, sample_prompts
+
+    cfg = EngineConfig(max_active=1, max_queued=1, max_prompt_tokens=400, max_frames=8)
+    converted = convert_checkpoint(tiny_checkpoint, tmp_path / "trtllm")
+    factory = lambda d, s, e, c: (FakeLLM(FakeExecutor(tiny.model, max_batch=1), step_delay=0.5),  # noqa: E731
+                                  fake_sampling_params)
+    engines = {"torch": Engine(tiny.model, cfg), "trtllm": TrtllmEngine(converted, cfg, llm_factory=factory).start()}
+    prompt = sample_prompts(tiny)[0]
+    statuses = {}
+    try:
+        for name, engine in engines.items():
+            with pytest.raises(InvalidArgument) as invalid:
+                engine.submit(EngineRequest(prompt, max_frames=9))
+            for _ in range(cfg.max_in_flight):
+                engine.submit(EngineRequest(prompt, request_id=new_request_id()))
+            with pytest.raises(Busy) as busy:
+                engine.submit(dataclasses.replace(EngineRequest(prompt)))
+            statuses[name] = (_http_status(invalid.value), _http_status(busy.value))
+    finally:
+        for engine in engines.values():
+            engine.stop()
+    assert statuses["torch"] == statuses["trtllm"] == (400, 429)

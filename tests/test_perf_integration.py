@@ -84,7 +84,7 @@ def test_non_streamed_wav_has_exact_sizes_and_pcm_matches(speech):
     assert status == 200 and pcm == frames  # same seed: the same samples
 
 
-def test_bad_requests_are_400_naming_the_field(speech):
+def test_bad_requests_are_4xx_naming_the_field(speech):
     url = f"{speech.url}/v1/audio/speech"
     for payload, field in (({"input": "x", "speed": 2.0}, "speed"), ({"input": "x", "response_format": "mp3"},
                                                                       "response_format"),
@@ -92,7 +92,8 @@ def test_bad_requests_are_400_naming_the_field(speech):
                                                                          "temperature")):
         status, _, body = _post(url, {"model": DEFAULT_MODEL, **payload})
         error = json.loads(body)["error"]
-        assert status == 400 and error["param"] == field and error["message"].startswith(field), error
+        expected = 404 if field == "voice" else 400              # an unknown voice is not found
+        assert status == expected and error["param"] == field and error["message"].startswith(field), error
 
 
 def test_api_key_is_required_when_configured(server):

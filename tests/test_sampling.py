@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fish_s2.sampling import BatchSampling, SamplingParams, logits_to_probs, seed_to_key, uniform_noise
+from fish_s2.request import SamplingParams
+from fish_s2.sampling import BatchSampling, logits_to_probs, seed_to_key, uniform_noise
 
 
 def test_noise_matches_the_recorded_stream():

@@ -9,7 +9,8 @@ import soundfile as sf
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import deserialize_bytes_tensor
 
-from fish_s2.client import AudioChunk, ChunkReorderer, Synthesis, TTSError, _infer_request, _parse, write_wav
+from fish_s2.client import AudioChunk, ChunkReorderer, Synthesis, _infer_request, _parse, write_wav
+from fish_s2.request import Internal, InvalidArgument
 from fish_s2.serving import protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def test_reorderer_releases_contiguous_chunks_in_order():
     assert [c.index for c in r.push(_chunk(0))] == [0, 1, 2]
     assert [c.index for c in r.push(_chunk(3))] == [3]
     r.finish()
-    with pytest.raises(TTSError, match="chunk 3 arrived twice"):
+    with pytest.raises(Internal, match="chunk 3 arrived twice"):
         r.push(_chunk(3))
 
 
@@ -33,7 +34,7 @@ def test_reorderer_reports_missing_chunks():
     r = ChunkReorderer()
     r.push(_chunk(0))
     r.push(_chunk(3))
-    with pytest.raises(TTSError, match=r"chunks \[1, 2\] missing"):
+    with pytest.raises(Internal, match=r"chunks \[1, 2\] missing"):
         r.finish()
 
 
@@ -72,8 +73,8 @@ def test_stream_responses():
     chunk, final = _parse(_response(False, outputs))
     assert not final and (chunk.index, chunk.sample_rate, chunk.request_id) == (4, 44100, "abc")
     assert chunk.audio.dtype == np.int16 and chunk.audio.tolist() == [1, -2]
-    with pytest.raises(TTSError, match="text: must not be empty"):
-        _parse(_response(False, error="in ensemble 'tts', text: must not be empty"))
+    with pytest.raises(InvalidArgument, match="text: must not be empty"):
+        _parse(_response(False, error="in ensemble 'tts', text: must not be empty [fish-s2:INVALID_ARGUMENT]"))
 
 
 def test_wav_and_rtf(tmp_path):

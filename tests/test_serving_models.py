@@ -10,16 +10,17 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from fish_s2.engine import ChunkEvent, EngineBusy, Finished, RequestError
+from fish_s2.checkpoint import load_config
+from fish_s2.engine import EngineConfig, check_request
+from fish_s2.request import Busy, ChunkEvent, EngineRequest, Finished, Internal, InvalidArgument, Lifecycle, from_wire
 from fish_s2.serving import metrics
 from fish_s2.serving import protocol as p
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.serving.repository import TEMPLATES, generate
-from fish_s2.streaming import CodeChunk
+from fish_s2.request import CodeChunk
 
 FINAL = 1
 
@@ -122,36 +123,45 @@ class Request:
 
 
 class FakeEngine:
-    """Records submissions; the test plays the engine's events through each request's sink."""
+    """An engine without a model: the real admission (``check_request`` against the tiny checkpoint's
+    config, then the request lifecycle: busy, duplicate ids, cancellation, one Finished); the test
+    plays the generation's events."""
 
-    def __init__(self, busy=False):
-        self.sinks, self.requests, self.cancelled, self.busy, self.stopped = {}, {}, [], busy, False
+    def __init__(self, model_cfg, max_in_flight=8):
+        self.model_cfg, self.cfg = model_cfg, EngineConfig(max_active=max_in_flight - 1, max_queued=1,
+                                                           max_prompt_tokens=64, max_frames=100)
+        self.lifecycle = Lifecycle(self.cfg.max_in_flight, self.cfg.chunk_plan, self.cfg.max_frames,
+                                   on_cancel=self._cancelled)
+        self.requests, self.cancelled, self.stopped = {}, [], False
 
     def submit(self, req, sink=None):
-        if self.busy:
-            raise EngineBusy("queue full")
-        if req.prompt.shape[0] != 11:
-            raise RequestError("prompt: expected [11, T]")
-        self.sinks[req.request_id], self.requests[req.request_id] = sink, req
+        check_request(req, self.cfg, self.model_cfg)
+        live, handle = self.lifecycle.open(req, sink)
+        self.requests[req.request_id] = live
+        return handle
+
+    def _cancelled(self, live):
+        self.cancelled.append(live.request_id)
+        self.lifecycle.finish(live, "cancelled")
 
     def cancel(self, request_id):
-        self.cancelled.append(request_id)
-        if request_id in self.sinks:
-            self.sinks.pop(request_id)(Finished(request_id, "cancelled", 0))
+        return self.lifecycle.cancel(request_id)
 
     def emit(self, request_id, event):
-        self.sinks[request_id](event)
-        if isinstance(event, Finished):
-            del self.sinks[request_id]
+        live = self.requests[request_id]
+        if isinstance(event, ChunkEvent):
+            self.lifecycle.send(live, event)
+        else:
+            self.lifecycle.finish(live, event.reason, event.error)
 
     def stats(self):
-        return {"active": len(self.sinks), "queued": 0, "frames_generated": 5 * len(self.requests),
+        return {"active": len(self.lifecycle), "queued": 0, "frames_generated": 5 * len(self.requests),
                 "prefix_cache": {"hits": 2, "misses": 1}}
 
     def stop(self):
         self.stopped = True
-        for request_id in list(self.sinks):
-            self.sinks.pop(request_id)(Finished(request_id, "cancelled", 0))
+        self.lifecycle.close()
+        self.lifecycle.finish_all("cancelled")
 
 
 # ------------------------------------------------------------------ loading a model.py the way Triton does
@@ -184,12 +194,12 @@ def _generate_inputs(fmt="int16", start_ns=42, rows=11):
 
 
 def _chunk(request_id, index, frames=3, context=1):
-    return ChunkEvent(request_id, CodeChunk(index, torch.arange(10 * (frames + context)).view(10, -1), context), 0.1)
+    return ChunkEvent(request_id, CodeChunk(index, np.arange(10 * (frames + context)).reshape(10, -1), context), 0.1)
 
 
 @pytest.fixture()
-def dual_ar(monkeypatch, repo):
-    engine = FakeEngine()
+def dual_ar(monkeypatch, repo, tiny_checkpoint):
+    engine = FakeEngine(load_config(tiny_checkpoint)[0])
     model = _load(monkeypatch, repo, "dual_ar", build_engine=lambda cfg: engine)
     yield model, engine
     model.finalize()
@@ -199,7 +209,8 @@ def test_dual_ar_streams_chunks_then_one_final(dual_ar):
     model, engine = dual_ar
     request = Request(_generate_inputs(), "client-1")
     assert model.execute([request]) is None                  # execute only hands off
-    (rid, req), = engine.requests.items()
+    (rid, live), = engine.requests.items()
+    req = live.req
     assert req.params.seed == 3 and req.max_frames == 20 and req.prefix_len == 4
     assert req.chunk_plan == p.ChunkPlan(2, 3, 1) and req.is_cancelled() is False
     engine.emit(rid, _chunk(rid, 0))
@@ -224,10 +235,13 @@ def test_dual_ar_bad_and_busy_requests_get_one_error_final(dual_ar, monkeypatch)
     for r, field in zip(requests, ("prompt", "prompt")):
         (final,) = r.sender.finals
         assert final.error.code == TritonError.INVALID_ARG and final.error.message().startswith(f"{field}:")
-    engine.busy = True
+    for _ in range(engine.cfg.max_in_flight):   # every place taken
+        engine.lifecycle.open(EngineRequest(np.ones((11, 9), np.int64)), lambda event: None)
     busy = Request(_generate_inputs())
     model.execute([busy])
     assert busy.sender.finals[0].error.code == TritonError.UNAVAILABLE
+    assert from_wire(busy.sender.finals[0].error.message()).status == "BUSY"
+    engine.lifecycle.finish_all("cancelled")
     assert model.dispatch.live() == 0
 
 
@@ -247,9 +261,10 @@ def test_engine_error_and_broken_client(dual_ar):
     failing, broken = Request(_generate_inputs()), Request(_generate_inputs(), sender=Sender(fail_first_send=True))
     model.execute([failing, broken])
     rid_fail, rid_broken = list(engine.requests)
-    engine.emit(rid_fail, Finished(rid_fail, "error", 0, "decode step failed: boom"))
+    engine.emit(rid_fail, Finished(rid_fail, "error", 0, Internal("decode step failed: boom")))
     assert failing.sender.done.wait(5)
-    assert "boom" in failing.sender.finals[0].error.message()
+    error = failing.sender.finals[0].error
+    assert error.code == TritonError.INTERNAL and "boom" in error.message()
     engine.emit(rid_broken, _chunk(rid_broken, 0))          # the send fails: the engine is told to cancel
     assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken] and broken.sender.finals == [None]
 
@@ -264,13 +279,20 @@ def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
     assert engine.stopped and all(r.sender.finals == [None] for r in pending)
 
 
-def test_dispatcher_forgets_a_request_whose_submit_failed():
-    engine = FakeEngine(busy=True)
+def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
+    engine = FakeEngine(load_config(tiny_checkpoint)[0], max_in_flight=2)
     dispatch = Dispatcher(engine, lambda stream, event: None)
-    with pytest.raises(EngineBusy):
-        dispatch.submit(types.SimpleNamespace(request_id="r1"), "c", None)
-    assert dispatch.live() == 0 and dispatch.stop("c") == 0
+    prompt = np.ones((11, 9), np.int64)
+    for _ in range(2):
+        dispatch.submit(EngineRequest(prompt), "full", None)
+    with pytest.raises(Busy):
+        dispatch.submit(EngineRequest(prompt), "c", None)
+    with pytest.raises(InvalidArgument, match="^prompt:"):      # the engine's real check
+        dispatch.submit(EngineRequest(prompt[:5]), "c", None)
+    assert dispatch.live() == 2 and dispatch.stop("c") == 0
+    engine.stop()
     dispatch.close()
+    assert dispatch.live() == 0
 
 
 def test_postprocess_trims_context_and_formats(monkeypatch, repo):

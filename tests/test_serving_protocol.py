@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 
-from fish_s2.engine import RequestError
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import InvalidArgument, SamplingParams
 from fish_s2.serving import protocol as p
-from fish_s2.streaming import ChunkPlan
+from fish_s2.request import ChunkPlan
 
 LIMITS = p.Limits(max_text_bytes=64, max_frames=100, max_reference_seconds=2.0,
-                  chunk_plan=ChunkPlan(first_frames=6, chunk_frames=25, context_frames=25))
+                  chunk_plan=ChunkPlan(first_chunk_frames=6, chunk_frames=25, context_frames=25))
 
 
 def _get(arrays):
@@ -33,7 +32,8 @@ def test_client_fields_reach_the_request():
                  temperature=0.5, top_p=0.7, top_k=12, seed=-3, max_frames=40, first_chunk_frames=2,
                  chunk_frames=5, context_frames=0, sample_format="int16")
     assert req.text == "Hi [laugh] there." and req.sample_format == "int16" and req.max_frames == 40
-    assert req.params == SamplingParams(temperature=0.5, top_p=pytest.approx(0.7), top_k=12, seed=-3)
+    assert (req.params.temperature, req.params.top_k, req.params.seed) == (0.5, 12, -3)
+    assert req.params.top_p == pytest.approx(0.7)
     assert req.chunk_plan == ChunkPlan(2, 5, 0)
     assert req.reference.sample_rate == 16000 and req.reference.text == "Ref."
     assert np.array_equal(req.reference.audio, audio)
@@ -68,17 +68,17 @@ def test_client_fields_reach_the_request():
 ])
 def test_bad_fields_are_named(fields, field):
     text = fields.pop("text", "Hello.")
-    with pytest.raises(RequestError, match=f"^{field}:"):
+    with pytest.raises(InvalidArgument, match=f"^{field}:"):
         _parse(text, **fields)
 
 
 def test_malformed_tensors_are_named():
     arrays = p.tts_inputs("Hello.")
-    with pytest.raises(RequestError, match="^text: not valid UTF-8"):
+    with pytest.raises(InvalidArgument, match="^text: not valid UTF-8"):
         p.parse_tts_request(_get({"TEXT": np.array([b"\xff\xfe"], dtype=object)}), LIMITS)
-    with pytest.raises(RequestError, match=r"^top_k: expected one value"):
+    with pytest.raises(InvalidArgument, match=r"^top_k: expected one value"):
         p.parse_tts_request(_get({**arrays, "TOP_K": np.array([1, 2], np.int32)}), LIMITS)
-    with pytest.raises(RequestError, match="^text: required"):
+    with pytest.raises(InvalidArgument, match="^text: required"):
         p.parse_tts_request(_get({}), LIMITS)
 
 
@@ -106,11 +106,11 @@ def test_generate_tensors_round_trip():
 
 def test_stop_requests():
     assert p.parse_generate_request(_get({"STOP": np.array([True])})) is None
-    with pytest.raises(RequestError, match="^stop:"):
+    with pytest.raises(InvalidArgument, match="^stop:"):
         p.parse_generate_request(_get({"STOP": np.array([True]), "SEED": np.array([1], np.int64)}))
     tensors = p.generate_tensors(np.zeros((11, 3), np.int64), 0, _parse(), 0)
     del tensors["TOP_P"]
-    with pytest.raises(RequestError, match="^top_p: required"):
+    with pytest.raises(InvalidArgument, match="^top_p: required"):
         p.parse_generate_request(_get(tensors))
 
 
@@ -129,5 +129,5 @@ def test_voice_requests():
     for kw, field in [(dict(action="rename"), "action"), (dict(action="delete"), "voice_id"),
                       (dict(action="delete", voice_id="a\\b"), "voice_id"),
                       (dict(action="register", voice_id="bob"), "reference_audio")]:
-        with pytest.raises(RequestError, match=f"^{field}:"):
+        with pytest.raises(InvalidArgument, match=f"^{field}:"):
             p.parse_voice_request(get(**kw), 2.0)

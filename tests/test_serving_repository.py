@@ -10,8 +10,8 @@ from tritonclient.grpc import model_config_pb2
 from fish_s2.serving import protocol as p
 from fish_s2.serving.adapter import check_io
 from fish_s2.serving.config import FILE_NAME, ServingConfig
-from fish_s2.serving.repository import MODELS, PYTHON_MODELS, generate, main
-from fish_s2.trtllm.settings import DEFAULT_PATH, load_settings
+from fish_s2.serving.repository import MODELS, PROFILE_SETTINGS, PYTHON_MODELS, generate, main
+from fish_s2.trtllm.settings import DEFAULT_PATH, load_trtllm_settings
 
 PROTOCOL_IO = {p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS), p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
                p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS), p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS),
@@ -92,11 +92,16 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
     cfg = generate("gpu", tiny_checkpoint, art, repo)        # no plan yet: ONNX Runtime backend
     assert (cfg.runtime, cfg.codec_runtime, cfg.device) == ("trtllm", "onnxruntime", "cuda")
-    assert cfg.engine == load_settings(DEFAULT_PATH).engine    # the limits the TensorRT-LLM engine has
-    with pytest.raises(ValueError, match="engine.*LLM-API settings"):
-        generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.max_frames": 10})
+    engine = PROFILE_SETTINGS["gpu"][0]["engine"]             # the profile's own limits, for either runtime
+    assert (cfg.engine.max_active, cfg.engine.max_queued) == (engine["max_active"], engine["max_queued"])
+    kw = load_trtllm_settings(DEFAULT_PATH).llm_kwargs(cfg.engine)   # ... and what the LLM is built with
+    assert kw["max_batch_size"] == engine["max_active"] and kw["max_seq_len"] == cfg.engine.max_seq_len
+    short = generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.max_frames": 50})
+    assert short.engine.max_frames == 50
+    with pytest.raises(ValueError, match="max_prompt_tokens.*max_num_tokens"):   # checked against llm_api.yaml
+        generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.max_prompt_tokens": 9000})
     torch_cfg = generate("gpu", tiny_checkpoint, art, tmp_path / "torch", overrides={"runtime": "torch"})
-    assert torch_cfg.engine.max_active == 32                  # the gpu profile's own engine settings
+    assert torch_cfg.engine == cfg.engine
     configs = _configs(repo)
     _check_ensemble(configs)
     codec = configs[p.CODEC_DECODER]
@@ -115,7 +120,7 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"engine.max_activ": 3}, "engine.max_activ: unknown setting"),
     ({"engine.max_active": "many"}, "engine.max_active: expected int"),
-    ({"engine.chunk_plan.first_frames": 0}, "first_frames: must be in"),
+    ({"engine.chunk_plan.first_chunk_frames": 0}, "first_chunk_frames: must be in"),
     ({"runtime": "trtllm"}, "runtime: the cpu profile needs 'torch'"),
     ({"codec_runtime": "onnx"}, "codec_decoder_path: required"),
     ({"codec_runtime": "tensorrt"}, "codec_runtime: expected one of"),

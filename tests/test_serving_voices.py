@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fish_s2.engine import RequestError
+from fish_s2.request import AlreadyExists, InvalidArgument, NotFound
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.serving.voices import CODES_FILE, META_FILE, VoiceExists, VoiceNotFound, VoiceRegistry, build_prompt
+from fish_s2.serving.voices import CODES_FILE, META_FILE, VoiceRegistry
 
 NC = 10
 
@@ -31,16 +31,16 @@ def test_register_list_get_delete_and_persistence(tmp_path):
     json.loads((tmp_path / "voices" / "alice" / META_FILE).read_text())
     again.delete("alice")
     assert [v.voice_id for v in reg.list()] == ["bob-2"]
-    with pytest.raises(VoiceNotFound, match="^voice_id: unknown voice 'alice'"):
+    with pytest.raises(NotFound, match="^voice_id: unknown voice 'alice'"):
         reg.get("alice")
-    with pytest.raises(VoiceNotFound, match="^voice_id:"):
+    with pytest.raises(NotFound, match="^voice_id:"):
         reg.delete("alice")
 
 
 def test_taken_id_is_refused(tmp_path):
     reg = VoiceRegistry(tmp_path, NC)
     reg.add("alice", "One.", _codes())
-    with pytest.raises(VoiceExists, match="^voice_id: 'alice' is already registered"):
+    with pytest.raises(AlreadyExists, match="^voice_id: 'alice' is already registered"):
         reg.add("alice", "Two.", _codes(5))
     assert reg.get("alice").text == "One."
     assert sorted(os.listdir(tmp_path)) == ["alice"]     # the losing registration left nothing behind
@@ -51,14 +51,14 @@ def test_invalid_ids_never_touch_the_filesystem(tmp_path, bad):
     root = tmp_path / "voices"
     reg = VoiceRegistry(root, NC)
     for call in (lambda: reg.add(bad, "t", _codes()), lambda: reg.get(bad), lambda: reg.delete(bad)):
-        with pytest.raises(RequestError, match="^voice_id: must match"):
+        with pytest.raises(InvalidArgument, match="^voice_id: must match"):
             call()
     assert os.listdir(root) == [] and sorted(os.listdir(tmp_path)) == ["voices"]
 
 
 def test_bad_codes_and_unfinished_entries(tmp_path):
     reg = VoiceRegistry(tmp_path, NC)
-    with pytest.raises(RequestError, match="^reference_audio:"):
+    with pytest.raises(InvalidArgument, match="^reference_audio:"):
         reg.add("alice", "t", np.zeros((NC - 1, 4), np.int64))
     (tmp_path / ".tmp-123").mkdir()                       # a registration in progress
     (tmp_path / "stray").mkdir()                          # not a voice folder
@@ -68,9 +68,9 @@ def test_bad_codes_and_unfinished_entries(tmp_path):
 def test_prompt_prefix_is_the_voice_system_block(tiny):
     builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
     ref = Reference("A reference.", torch.from_numpy(_codes()).long())
-    prompt, prefix_len = build_prompt(builder, "Hello there.", [ref])
+    prompt, prefix_len = builder.request("Hello there.", [ref])
     system = builder.system([ref])
     assert prefix_len == system.shape[1] < prompt.shape[1]
     assert torch.equal(prompt[:, :prefix_len], system)
-    other, _ = build_prompt(builder, "Different text.", [ref])
+    other, _ = builder.request("Different text.", [ref])
     assert torch.equal(other[:, :prefix_len], system)     # same voice, same cacheable prefix

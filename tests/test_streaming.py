@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fish_s2.streaming import ChunkPlan, Chunker, decode_chunks
+from fish_s2.request import ChunkPlan, Chunker, InvalidArgument
+from fish_s2.streaming import decode_chunks
 
 
 def _stream(codes, plan):
@@ -18,19 +19,19 @@ def _stream(codes, plan):
 
 
 def test_chunker_sizes_and_context():
-    codes = torch.arange(10 * 40).view(10, 40)
-    chunks = _stream(codes, ChunkPlan(first_frames=3, chunk_frames=10, context_frames=4))
+    codes = np.arange(10 * 40).reshape(10, 40)
+    chunks = _stream(codes, ChunkPlan(first_chunk_frames=3, chunk_frames=10, context_frames=4))
     assert [c.n_frames for c in chunks] == [3, 10, 10, 10, 7]
     assert [c.context for c in chunks] == [0, 3, 4, 4, 4]
-    assert torch.equal(torch.cat([c.codes[:, c.context:] for c in chunks], 1), codes)
-    assert torch.equal(chunks[2].codes, codes[:, 9:23])
-    assert _stream(codes[:, :3], ChunkPlan(first_frames=3))[-1].n_frames == 3  # nothing left to flush
+    assert np.array_equal(np.concatenate([c.codes[:, c.context:] for c in chunks], 1), codes)
+    assert np.array_equal(chunks[2].codes, codes[:, 9:23])
+    assert _stream(codes[:, :3], ChunkPlan(first_chunk_frames=3))[-1].n_frames == 3  # nothing left to flush
 
 
-@pytest.mark.parametrize("field", ["first_frames", "chunk_frames", "context_frames"])
+@pytest.mark.parametrize("field", ["first_chunk_frames", "chunk_frames", "context_frames"])
 def test_plan_validation_names_the_field(field):
-    with pytest.raises(ValueError, match=field):
-        ChunkPlan(**{field: -1}).validate()
+    with pytest.raises(InvalidArgument, match=f"^{field}:"):
+        ChunkPlan(**{field: -1})
 
 
 def test_streamed_decode_matches_full_decode(tiny):
@@ -47,7 +48,7 @@ def test_streamed_decode_matches_full_decode(tiny):
     snr = 10 * np.log10(np.sum(full ** 2) / np.sum((full - streamed) ** 2))
     assert snr >= 30, snr
     # the first chunk has no context: exact
-    n0 = plan.first_frames * codec.frame_length
+    n0 = plan.first_chunk_frames * codec.frame_length
     assert np.allclose(streamed[:n0], full[:n0], atol=1e-5)
     # without context the later chunks are much worse: the context is what buys the SNR
     no_ctx = np.concatenate(decode_chunks(codec, _stream(codes, ChunkPlan(context_frames=0))))

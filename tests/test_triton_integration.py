@@ -17,17 +17,19 @@ import pytest
 import soundfile as sf
 import torch
 
-from fish_s2.client import AsyncTTSClient, TTSClient, TTSError
-from fish_s2.engine import Engine, EngineRequest, collect
+from fish_s2.client import AsyncTTSClient, TTSClient
+from fish_s2.request import AlreadyExists, InvalidArgument, NotFound, RequestError
+from fish_s2.engine import Engine
+from fish_s2.request import EngineRequest, collect
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import SamplingParams
 from fish_s2.serving import metrics
 from fish_s2.serving.demo import DEMO_TEXT
 from fish_s2.serving.repository import generate
 from fish_s2.serving.runtime import ReferenceEncoder
 from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
-from fish_s2.serving.voices import build_prompt
-from fish_s2.streaming import ChunkPlan, decode_chunks
+from fish_s2.request import ChunkPlan
+from fish_s2.streaming import decode_chunks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +38,7 @@ try:
 except FileNotFoundError as e:
     pytest.skip(f"no Triton server binary: {e}", allow_module_level=True)
 
-PLAN = ChunkPlan(first_frames=4, chunk_frames=7, context_frames=5)
+PLAN = ChunkPlan(first_chunk_frames=4, chunk_frames=7, context_frames=5)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def reference(tiny, deployment):
     engine = Engine(tiny.model, deployment[1].engine)
 
     def run(text, seed, max_frames, plan=deployment[1].engine.chunk_plan, voice=None):
-        prompt, prefix_len = build_prompt(builder, text, [] if voice is None else [voice])
+        prompt, prefix_len = builder.request(text, [] if voice is None else [voice])
         handle = engine.submit(EngineRequest(prompt, SamplingParams(seed=seed), max_frames=max_frames,
                                              prefix_len=prefix_len, chunk_plan=plan))
         while engine.rows or engine.stats()["queued"]:
@@ -84,15 +86,15 @@ def _metric(text: str, name: str) -> float:
 
 def test_streamed_request_equals_the_engine(client, reference, tiny):
     text = "Hello! [laugh] This is Fish S2 streaming from Triton."
-    chunks = list(client.stream(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_frames,
+    chunks = list(client.stream(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_chunk_frames,
                                 chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames))
     expected, n_frames = reference(text, 11, 30, PLAN)
     assert [c.index for c in chunks] == list(range(len(chunks)))
-    assert len(chunks) == 1 + -(-(n_frames - PLAN.first_frames) // PLAN.chunk_frames)
+    assert len(chunks) == 1 + -(-(n_frames - PLAN.first_chunk_frames) // PLAN.chunk_frames)
     audio = np.concatenate([c.audio for c in chunks])
     assert audio.size == n_frames * tiny.codec.frame_length and chunks[0].sample_rate == tiny.codec.sample_rate
     assert np.allclose(audio, expected, atol=1e-4), np.abs(audio - expected).max()
-    pcm = client.synthesize(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_frames,
+    pcm = client.synthesize(text, seed=11, max_frames=30, first_chunk_frames=PLAN.first_chunk_frames,
                             chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames, sample_format="int16")
     assert pcm.audio.dtype == np.int16 and np.abs(pcm.audio.astype(np.int32) - np.round(expected * 32767)).max() <= 4
 
@@ -121,20 +123,20 @@ def test_voice_register_use_list_delete(client, deployment, reference):
     codes = torch.from_numpy(ReferenceEncoder(deployment[1])(audio, rate))     # the server's encoding, in-process
     expected, _ = reference("Speak with my voice.", 5, 16, voice=Reference("A reference sentence.", codes))
     assert np.allclose(got.audio, expected, atol=1e-4)
-    with pytest.raises(TTSError, match="voice_id: 'alice' is already registered"):
+    with pytest.raises(AlreadyExists, match="voice_id: 'alice' is already registered"):
         client.register_voice("alice", audio, rate, "Again.")
     assert client.delete_voice("alice") == {"voice_id": "alice", "deleted": True}
     assert "alice" not in [v["voice_id"] for v in client.list_voices()]
-    with pytest.raises(TTSError, match="voice_id: unknown voice 'alice'"):
+    with pytest.raises(NotFound, match="voice_id: unknown voice 'alice'"):
         client.synthesize("Speak with my voice.", voice_id="alice", max_frames=4)
-    with pytest.raises(TTSError, match="voice_id: unknown voice 'alice'") as e:
+    with pytest.raises(NotFound, match="voice_id: unknown voice 'alice'") as e:
         client.delete_voice("alice")
-    assert e.value.code == "NOT_FOUND"
+    assert e.value.status == "NOT_FOUND"
     for bad in ("a/b", "../alice", "x" * 65, ".."):
-        with pytest.raises(TTSError, match="^voice_id: must match") as e:
+        with pytest.raises(InvalidArgument, match="^voice_id: must match") as e:
             client.register_voice(bad, audio, rate, "Bad id.")
-        assert e.value.code == "INVALID_ARGUMENT"
-        with pytest.raises(TTSError, match="voice_id: must match"):
+        assert e.value.status == "INVALID_ARGUMENT"
+        with pytest.raises(InvalidArgument, match="voice_id: must match"):
             client.synthesize("Hi.", voice_id=bad, max_frames=4)
     client.register_voice("bob", audio, rate, "Bob's reference.")   # kept for the restart test
 
@@ -189,7 +191,7 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
 ])
 def test_bad_input_is_named_and_the_server_stays_healthy(client, deployment, fields, field):
     text = fields.pop("text", "Valid text.")
-    with pytest.raises(TTSError, match=rf"\b{field}: "):
+    with pytest.raises(RequestError, match=rf"\b{field}: "):
         client.synthesize(text, **fields)
     assert deployment[0].alive() and client.ready()
 
@@ -248,3 +250,19 @@ def test_demo_writes_the_expected_wav(tiny_checkpoint, tmp_path, reference):
     expected, n_frames = reference(DEMO_TEXT, 0, 24)
     assert rate == 44100 and data.size == n_frames * 2048
     assert np.allclose(data, np.clip(expected, -1, 1), atol=2 / 32767)
+
+
+def test_onnx_fast_ar_serving_option(tiny_checkpoint, tmp_path, reference):
+    """The CPU profile with ``fast_ar_runtime: onnx`` (the exported fast AR in ONNX Runtime inside the
+    engine's step) serves the same audio as the torch fast AR."""
+    from fish_s2.export.onnx_export import export_fast_ar
+
+    art = tmp_path / "art"
+    export_fast_ar(tiny_checkpoint, art / "onnx" / "fast_ar.onnx")
+    cfg = generate("cpu", tiny_checkpoint, art, tmp_path / "repo", overrides={"fast_ar_runtime": "onnx"})
+    assert cfg.fast_ar_runtime == "onnx" and cfg.fast_ar_onnx == str((art / "onnx" / "fast_ar.onnx").resolve())
+    with TritonServer(tmp_path / "repo", tmp_path / "run", *free_ports(3)) as server:
+        with TTSClient(server.grpc_url, timeout_s=120) as onnx_client:
+            got = onnx_client.synthesize("The fast AR runs in ONNX Runtime.", seed=21, max_frames=20)
+    expected, _ = reference("The fast AR runs in ONNX Runtime.", 21, 20)
+    assert got.audio.shape == expected.shape and np.allclose(got.audio, expected, atol=1e-4)

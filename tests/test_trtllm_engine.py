@@ -1,23 +1,25 @@
 """TrtllmEngine over a CPU stand-in of tensorrt_llm.LLM (tests/trtllm_fakes.py), the KV-reuse salt,
 and the LLM-API settings YAML."""
 
-import dataclasses
 import threading
 
+import numpy as np
 import pytest
-import torch
+import yaml
 
-from fish_s2.engine import ChunkEvent, EngineBusy, EngineRequest, Finished, RequestError, chunks_to_codes, collect
+from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, InvalidArgument, Unavailable,
+                             chunks_to_codes, collect)
+from fish_s2.engine import EngineConfig
 from fish_s2.generate import generate
-from fish_s2.sampling import SamplingParams
-from fish_s2.streaming import ChunkPlan
+from fish_s2.request import SamplingParams
+from fish_s2.request import ChunkPlan
 from fish_s2.trtllm.convert import convert_checkpoint
 from fish_s2.trtllm.engine import TrtllmEngine, cache_salt
 from fish_s2.trtllm.model import CODES_OUTPUT
-from fish_s2.trtllm.settings import DEFAULT_PATH, load_settings, settings_from_dict
+from fish_s2.trtllm.settings import DEFAULT_PATH, load_trtllm_settings, settings_from_dict
 from trtllm_fakes import SAMPLE_PARAMS, FakeExecutor, FakeLLM, eos_prone, fake_sampling_params, sample_prompts
 
-PLAN = ChunkPlan(first_frames=2, chunk_frames=3, context_frames=2)
+PLAN = ChunkPlan(first_chunk_frames=2, chunk_frames=3, context_frames=2)
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +33,14 @@ def prompts(tiny):
 
 
 def _engine(converted, model, step_delay=0.0, **engine_kw):
-    s = load_settings()
-    s = dataclasses.replace(s, max_batch_size=3, engine=dataclasses.replace(s.engine, max_active=3, chunk_plan=PLAN,
-                                                                            **engine_kw))
+    engine = EngineConfig(max_active=3, chunk_plan=PLAN, **engine_kw)
     made = {}
 
-    def factory(model_dir, st, cfg):
-        made["llm"] = FakeLLM(FakeExecutor(model, max_batch=st.max_batch_size, max_num_tokens=256), step_delay)
+    def factory(model_dir, settings, eng, cfg):
+        made["llm"] = FakeLLM(FakeExecutor(model, max_batch=eng.max_active, max_num_tokens=256), step_delay)
         return made["llm"], fake_sampling_params
 
-    return TrtllmEngine(converted, s, llm_factory=factory).start(), made
+    return TrtllmEngine(converted, engine, llm_factory=factory).start(), made
 
 
 def test_streams_the_reference_codes(tiny, converted, prompts):
@@ -55,7 +55,7 @@ def test_streams_the_reference_codes(tiny, converted, prompts):
     for (chunks, done), p, sp in zip(results, prompts, params):
         ref = generate(model, p, 8, sp)
         want = ref.frames[1:, :-1] if ref.stopped_on_eos else ref.frames[1:]
-        assert torch.equal(chunks_to_codes(chunks), want)
+        assert np.array_equal(chunks_to_codes(chunks), want)
         assert done.reason == ("stop" if ref.stopped_on_eos else "length") and done.n_frames == want.shape[1]
         assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[0].n_frames == min(2, done.n_frames)
     assert {r[1].reason for r in results} == {"stop", "length"}
@@ -104,29 +104,29 @@ def test_bad_requests_and_busy(tiny, converted, prompts):
     p = prompts[0]
     try:
         for bad, field in ((p[:5], "prompt"), (p.float(), "prompt")):
-            with pytest.raises(RequestError, match=field):
+            with pytest.raises(InvalidArgument, match=field):
                 engine.submit(EngineRequest(bad))
         codes = p.clone()
         codes[3, -1] = tiny.config.codebook_size
-        with pytest.raises(RequestError, match="codes must be in"):
+        with pytest.raises(InvalidArgument, match="codes must be in"):
             engine.submit(EngineRequest(codes))
         ids = p.clone()
         ids[0, 0] = tiny.config.vocab_size
-        with pytest.raises(RequestError, match="token ids"):
+        with pytest.raises(InvalidArgument, match="token ids"):
             engine.submit(EngineRequest(ids))
-        with pytest.raises(RequestError, match="max_frames"):
+        with pytest.raises(InvalidArgument, match="max_frames"):
             engine.submit(EngineRequest(p, max_frames=201))
-        with pytest.raises(RequestError, match="temperature"):
+        with pytest.raises(InvalidArgument, match="temperature"):
             engine.submit(EngineRequest(p, SamplingParams(temperature=5.0)))
         handles = [engine.submit(EngineRequest(p, request_id=str(i))) for i in range(4)]  # 3 active + 1 queued
-        with pytest.raises(RequestError, match="already in flight"):
+        with pytest.raises(InvalidArgument, match="already in flight"):
             engine.submit(EngineRequest(p, request_id="0"))
-        with pytest.raises(EngineBusy, match="in flight"):
+        with pytest.raises(Busy, match="in flight"):
             engine.submit(EngineRequest(p))
     finally:
         engine.stop()
     assert all(collect(h)[1].reason == "cancelled" for h in handles)
-    with pytest.raises(EngineBusy, match="not running"):
+    with pytest.raises(Unavailable, match="not running"):
         engine.submit(EngineRequest(p))
 
 
@@ -147,23 +147,28 @@ def test_cache_salt_covers_every_code_row(tiny, prompts):
 
 
 def test_settings_yaml(tmp_path):
-    s = load_settings(DEFAULT_PATH)
-    kw = s.llm_kwargs()
-    assert kw["max_seq_len"] == s.engine.max_prompt_tokens + s.engine.max_frames
+    """llm_api.yaml is the one source of the LLM arguments; the engine block (serving.yaml) gives the limits."""
+    s, engine = load_trtllm_settings(DEFAULT_PATH), EngineConfig(max_active=6)
+    kw = s.llm_kwargs(engine)
+    assert kw["max_seq_len"] == engine.max_prompt_tokens + engine.max_frames and kw["max_batch_size"] == 6
     assert kw["kv_cache_config"]["enable_block_reuse"] and kw["kv_cache_config"]["tokens_per_block"] == 16
-    assert max(kw["cuda_graph_config"]["batch_sizes"]) == s.max_batch_size == s.engine.max_active
-    assert kw["skip_tokenizer_init"] and "triton_config" not in kw and s.triton_config.decoupled
-    small = settings_from_dict({"max_batch_size": 6, "cuda_graph": {"batch_sizes": [1, 4, 8, 16]}})
-    assert small.llm_kwargs()["cuda_graph_config"]["batch_sizes"] == [1, 4, 6] and small.n_slots == 12
-    assert settings_from_dict({"cuda_graph": None}).llm_kwargs()["cuda_graph_config"] is None
-    for bad, match in (({"kv_cache": {"tokens_per_blok": 16}}, "kv_cache: unknown keys.*tokens_per_blok"),
-                       ({"kv_cache": {"tokens_per_block": 12}}, "power of two"),
-                       ({"engine": {"max_active": 3}}, "engine: unknown keys.*max_active"),
-                       ({"engine": {"chunk_plan": {"first_frames": 0}}}, "first_frames"),
-                       ({"max_num_tokens": 100}, "max_prompt_tokens"),
-                       ({"max_batch": 3}, "unknown keys.*max_batch")):
+    assert kw["cuda_graph_config"]["batch_sizes"] == [1, 2, 4, 6] and s.n_slots(engine) == 12
+    assert kw["skip_tokenizer_init"]
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    assert settings_from_dict({**data, "cuda_graph": None}).llm_kwargs(engine)["cuda_graph_config"] is None
+    for bad, match in (({"kv_cache": {**data["kv_cache"], "tokens_per_blok": 16}}, "kv_cache.tokens_per_blok: unknown"),
+                       ({"engine": {"max_active": 3}}, "engine: unknown setting"),
+                       ({"triton_config": {}}, "triton_config: unknown setting"),
+                       ({"max_batch": 3}, "max_batch: unknown setting"),
+                       ({"max_num_tokens": "many"}, "max_num_tokens: expected int")):
         with pytest.raises(ValueError, match=match):
-            settings_from_dict(bad)
-    (tmp_path / "bad.yaml").write_text("max_batch_size: [")
-    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
-        load_settings(tmp_path / "bad.yaml")
+            settings_from_dict({**data, **bad})
+    with pytest.raises(ValueError, match="missing 1 required"):
+        settings_from_dict({k: v for k, v in data.items() if k != "max_num_tokens"})
+    with pytest.raises(ValueError, match="power of two"):
+        settings_from_dict({**data, "kv_cache": {**data["kv_cache"], "tokens_per_block": 12}}).validate(engine)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        settings_from_dict({**data, "max_num_tokens": 100}).validate(engine)
+    (tmp_path / "bad.yaml").write_text("max_num_tokens: [")
+    with pytest.raises(ValueError, match="bad.yaml: cannot read the settings"):
+        load_trtllm_settings(tmp_path / "bad.yaml")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fish_s2.generate import generate
-from fish_s2.sampling import SamplingParams, seed_to_key
+from fish_s2.request import SamplingParams
+from fish_s2.sampling import seed_to_key
 from fish_s2.trtllm.model import CODES_OUTPUT, MM_KEY, DualARStep, DualARView, FishInputProcessor, request_inputs
 from fish_s2.trtllm.state import NO_TOKEN, SlotManager, SlotsExhausted, SlotState, bind, bound
 from trtllm_fakes import SAMPLE_PARAMS, FakeExecutor, eos_prone, fake_sampling_params, sample_prompts
@@ -132,7 +133,6 @@ def test_frame_step_replays_as_a_cuda_graph(tiny):
 
     model = copy.deepcopy(tiny.model).cuda()
     cfg, rows = model.cfg, 4
-    model.fast.setup_cache(rows)
 
     def make():
         m = SlotManager(SlotState(6, rows, cfg.num_codebooks, "cuda"))

@@ -21,7 +21,7 @@ import torch
 
 from fish_s2.layers import position_mask
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import SamplingParams
 from fish_s2.trtllm.model import CODES_OUTPUT, MM_KEY, DualARStep, DualARView, FishInputProcessor, step_forward
 from fish_s2.trtllm.state import SlotManager, SlotState
 
@@ -31,7 +31,7 @@ class CpuTransformer:
 
     def __init__(self, slow, n_kv_rows: int, max_len: int):
         self.slow = slow
-        slow.setup_cache(n_kv_rows, max_len)
+        self.cache = slow.new_cache(n_kv_rows, max_len)
 
     def __call__(self, x: torch.Tensor, segments) -> torch.Tensor:
         out, a = [], 0
@@ -39,8 +39,8 @@ class CpuTransformer:
             h, input_pos = x[a:a + len(pos)][None], pos[None]
             kv_len = int(pos.max()) + 1
             rope, mask = self.slow.rope[input_pos], position_mask(input_pos, kv_len)
-            for layer in self.slow.layers:
-                h = layer(h, rope, mask, input_pos, slice(row, row + 1), kv_len)
+            for layer, cache in zip(self.slow.layers, self.cache):
+                h = layer(h, rope, mask, input_pos, slice(row, row + 1), kv_len, cache)
             out.append(self.slow.norm(h)[0])
             a += len(pos)
         return torch.cat(out)
@@ -71,7 +71,6 @@ class FakeExecutor:
         self.cfg, self.max_num_tokens, self.chunk, self.graph_sizes = cfg, max_num_tokens, chunk, graph_sizes
         self.max_rows = max(max_batch, *graph_sizes)
         self.manager = SlotManager(SlotState(2 * max_batch, self.max_rows, cfg.num_codebooks))
-        model.fast.setup_cache(self.max_rows)
         self.step_ = DualARStep(DualARView(cfg, model.slow, model.fast), self.manager, cfg.vocab_size)
         self.transformer = CpuTransformer(model.slow, 2 * max_batch + 1, max_len)
         self.dummy_row = 2 * max_batch  # KV row of padding dummies

@@ -58,7 +58,8 @@ from ..codec import Codec, WindowLimitedTransformer
 from ..config import DualARConfig
 from ..dual_ar import sample_codes
 from ..fast_ar import FastAR
-from ..sampling import BatchSampling, SamplingParams, logits_to_probs, race
+from ..request import SamplingParams
+from ..sampling import BatchSampling, logits_to_probs, race
 
 OPSET = 17
 FILES = {"fast_ar": "fast_ar.onnx", "codec_decoder": "codec_decoder.onnx", "codec_encoder": "codec_encoder.onnx"}
@@ -150,14 +151,9 @@ class FastARGraph(nn.Module):
 
     def forward(self, hidden: Tensor, main: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor,
                 noise: Tensor) -> Tensor:
-        for layer in self.fast.layers:
-            layer.attention.kv_cache = _AppendCache()
-        try:
-            sampling = _GivenNoise(temperature, top_p, top_k, noise)
-            return sample_codes(self, hidden, main, sampling, torch.zeros_like(main))
-        finally:
-            for layer in self.fast.layers:
-                layer.attention.kv_cache = None
+        sampling = _GivenNoise(temperature, top_p, top_k, noise)
+        return sample_codes(self, hidden, main, sampling, torch.zeros_like(main),
+                            [_AppendCache() for _ in self.fast.layers])
 
 
 def export_fast_ar(checkpoint_dir: str | Path, path: str | Path) -> Exported:
@@ -186,13 +182,8 @@ def _check_fast_ar(cfg: DualARConfig, fast: FastAR, path: Path) -> str:
     hidden = torch.randn(B, cfg.slow.dim, generator=gen)
     main = torch.tensor([cfg.semantic_begin_id + 5, cfg.semantic_end_id, cfg.eos_id])
     sampling, draw0 = BatchSampling.of(params), torch.tensor([0, 11, 4242])
-    fast.setup_cache(B)
-    try:
-        with torch.no_grad():
-            ref = sample_codes(_Model(cfg, fast), hidden, main, sampling, draw0)
-    finally:
-        for layer in fast.layers:
-            layer.attention.kv_cache = None
+    with torch.no_grad():
+        ref = sample_codes(_Model(cfg, fast), hidden, main, sampling, draw0, fast.new_cache(B))
     got = OrtFastAR(path).sample_codes(hidden, main, sampling, draw0)
     if not torch.equal(got, ref):
         raise RuntimeError(f"{path}: the exported fast AR disagrees with torch at batch {B}:\n"

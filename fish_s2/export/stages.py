@@ -149,16 +149,17 @@ def load_trt_builder():
 
 
 _MODEL = ("fish_s2/config.py", "fish_s2/checkpoint.py", "fish_s2/layers.py", "fish_s2/export/onnx_export.py")
+_CODEC = ("fish_s2/codec/config.py", "fish_s2/codec/network.py", "fish_s2/codec/weights.py", "fish_s2/ort_runtime.py")
 STAGES: tuple[Stage, ...] = (
     Stage("onnx-fast-ar", "fast-AR residual-code loop -> onnx/fast_ar.onnx",
           _onnx_stage("fast_ar"), _dual_ar_files,
           _MODEL + ("fish_s2/fast_ar.py", "fish_s2/dual_ar.py", "fish_s2/sampling.py", "fish_s2/ort_runtime.py")),
     Stage("onnx-codec-decoder", "codec decoder -> onnx/codec_decoder.onnx",
           _onnx_stage("codec_decoder"), _codec_files,
-          _MODEL + ("fish_s2/codec.py", "fish_s2/ort_runtime.py")),
+          _MODEL + _CODEC),
     Stage("onnx-codec-encoder", "codec encoder -> onnx/codec_encoder.onnx",
           _onnx_stage("codec_encoder"), _codec_files,
-          _MODEL + ("fish_s2/codec.py", "fish_s2/ort_runtime.py")),
+          _MODEL + _CODEC),
     Stage("trtllm-checkpoint", "TensorRT-LLM model directory -> trtllm/", _trtllm, _checkpoint_files,
           ("fish_s2/config.py", "fish_s2/checkpoint.py", "fish_s2/trtllm/convert.py", "fish_s2/trtllm/hf_config.py")),
     Stage("trt-plans", "TensorRT plans from the ONNX files -> trt/", _trt_plans,

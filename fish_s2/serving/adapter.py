@@ -10,14 +10,14 @@ import json
 import logging
 from pathlib import Path
 
-from ..engine import EngineBusy, RequestError
+from ..request import RequestError, to_wire
 from .config import ServingConfig
 from .protocol import Getter, TensorSpec
 
 log = logging.getLogger(__name__)
 
 
-def load_settings(args: dict) -> tuple[dict, ServingConfig]:
+def load_model_settings(args: dict) -> tuple[dict, ServingConfig]:
     """The model's config (a dict) and the repository's serving config (parameter ``serving_config``,
     relative to the repository root)."""
     model_config = json.loads(args["model_config"])
@@ -47,17 +47,19 @@ def getter(pb_utils, request) -> Getter:
     return get
 
 
-def error_response(pb_utils, exc: BaseException):
-    """Bad input -> INVALID_ARG (or the error's own code), busy -> UNAVAILABLE, anything else -> INTERNAL."""
-    if isinstance(exc, RequestError):
-        code = getattr(pb_utils.TritonError, getattr(exc, "code", "INVALID_ARG"))
-        message = str(exc)
-    elif isinstance(exc, EngineBusy):
-        code, message = pb_utils.TritonError.UNAVAILABLE, str(exc)
-    else:
+def triton_error(pb_utils, exc: BaseException):
+    """The TritonError of an exception, by its type: a :class:`RequestError` keeps its own code (and
+    travels tagged, see :func:`fish_s2.request.to_wire`); anything else is an internal error."""
+    if not isinstance(exc, RequestError):
         log.error("internal error", exc_info=exc)
-        code, message = pb_utils.TritonError.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+        from ..request import Internal
+
+        exc = Internal(f"internal error: {type(exc).__name__}: {exc}")
+    return pb_utils.TritonError(to_wire(exc), getattr(pb_utils.TritonError, exc.triton))
+
+
+def error_response(pb_utils, exc: BaseException):
+    return pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
 
 
 def output_tensors(pb_utils, arrays: dict) -> list:

@@ -1,24 +1,25 @@
 """Deployment settings: one typed file (``serving.yaml``) that every Triton model of a repository reads.
 
 The repository generator writes it next to the models; each model finds it through its
-``serving_config`` parameter. Engine settings are :class:`fish_s2.engine.EngineConfig` itself, so
-their defaults live in one place. Unknown keys and wrong types are errors that name the key.
+``serving_config`` parameter. The engine block is :class:`fish_s2.engine.EngineConfig` itself (for
+either runtime: the TensorRT-LLM engine takes its limits from here too), so its defaults live in one
+place. Unknown keys and wrong types are errors that name the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..engine import EngineConfig
+from ..engine.config import EngineConfig
+from ..request import Limits
+from ..typed_settings import build, plain, read_yaml
 
 PROFILES = ("cpu", "gpu")
 RUNTIMES = ("torch", "trtllm")                  # what hosts the Dual-AR decode loop in dual_ar
+FAST_AR_RUNTIMES = ("torch", "onnx")            # the fast AR inside the torch engine's step
 PYTHON_CODECS = ("torch", "onnx")               # codec_decoder as a python-backend model
 TRITON_CODECS = ("tensorrt", "onnxruntime")     # codec_decoder served by a Triton backend (GPU)
 FILE_NAME = "serving.yaml"
@@ -34,6 +35,8 @@ class ServingConfig:
     runtime: str = "torch"
     trtllm_dir: str | None = None            # converted model directory (runtime trtllm)
     trtllm_settings: str | None = None       # LLM-API settings YAML (runtime trtllm); None: the package's
+    fast_ar_runtime: str = "torch"           # runtime torch: the fast AR in torch, or "onnx" (ONNX Runtime)
+    fast_ar_onnx: str | None = None          # the exported fast AR (fast_ar_runtime onnx)
     codec_runtime: str = "torch"
     codec_decoder_path: str | None = None    # .onnx (onnx, onnxruntime) or .plan (tensorrt)
     codec_encoder_onnx: str | None = None    # reference encoding with ONNX Runtime; None: torch codec
@@ -49,6 +52,7 @@ class ServingConfig:
 
         one_of("profile", PROFILES)
         one_of("runtime", RUNTIMES)
+        one_of("fast_ar_runtime", FAST_AR_RUNTIMES)
         one_of("codec_runtime", PYTHON_CODECS + TRITON_CODECS)
         if self.profile == "cpu":
             for name, want in (("device", "cpu"), ("runtime", "torch")):
@@ -57,6 +61,8 @@ class ServingConfig:
             one_of("codec_runtime", PYTHON_CODECS)
         if self.runtime == "trtllm" and not self.trtllm_dir:
             raise ValueError("trtllm_dir: required with runtime 'trtllm'")
+        if self.fast_ar_runtime == "onnx" and (self.runtime != "torch" or not self.fast_ar_onnx):
+            raise ValueError("fast_ar_runtime: 'onnx' needs runtime 'torch' and fast_ar_onnx (the exported fast AR)")
         if self.codec_runtime != "torch" and not self.codec_decoder_path:
             raise ValueError(f"codec_decoder_path: required with codec_runtime {self.codec_runtime!r}")
         for name in ("threads", "max_text_bytes"):
@@ -64,17 +70,22 @@ class ServingConfig:
                 raise ValueError(f"{name}: out of range, got {getattr(self, name)}")
         if not self.max_reference_seconds > 0:
             raise ValueError(f"max_reference_seconds: must be > 0, got {self.max_reference_seconds}")
-        self.engine.chunk_plan.validate(self.engine.max_frames)
+        self.limits().check_plan(self.engine.chunk_plan)
         return self
+
+    def limits(self) -> Limits:
+        """What a request may ask of this deployment (checked by preprocess)."""
+        return Limits(max_frames=self.engine.max_frames, max_text_bytes=self.max_text_bytes,
+                      max_reference_seconds=self.max_reference_seconds, chunk_plan=self.engine.chunk_plan)
 
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict:
-        return _plain(dataclasses.asdict(self))
+        return plain(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ServingConfig":
-        return _build(cls, data, "").validate()
+        return build(cls, data).validate()
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -82,12 +93,9 @@ class ServingConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ServingConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot read the serving config ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings")
-        return cls.from_dict(data)
+            return cls.from_dict(read_yaml(path))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def with_overrides(self, overrides: dict[str, object]) -> "ServingConfig":
         """Apply dotted-key overrides (``engine.max_active``: 4) and validate."""
@@ -102,43 +110,3 @@ class ServingConfig:
                 raise ValueError(f"{key}: unknown setting")
             node[leaf] = value
         return ServingConfig.from_dict(data)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls, data: dict, where: str):
-    """Instantiate dataclass ``cls`` from plain data, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ValueError(f"{where}{key}: unknown setting")
-    return cls(**{k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()})
-
-
-def _coerce(value, hint, where: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{where}.")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value

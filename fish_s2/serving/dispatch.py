@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine import EngineRequest, Event, Finished
+from ..request import EngineRequest, Event, Finished
 
 log = logging.getLogger(__name__)
 

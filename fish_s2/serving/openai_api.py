@@ -9,7 +9,10 @@ given in the ``X-Sample-Rate`` header), ``stream`` (default true: audio is sent 
 is generated; a streamed WAV carries the "unknown length" sizes 0xFFFFFFFF in its header). Fish
 extensions: ``seed``, ``temperature``, ``top_p``, ``top_k``, ``max_frames``. Anything else, or a
 ``speed`` other than 1.0, is a 400 naming the field. With an API key configured, requests need
-``Authorization: Bearer <key>``.
+``Authorization: Bearer <key>``. Values are range-checked where the request tensors are built
+(:func:`fish_s2.serving.protocol.tts_inputs`) and by the server; errors map to HTTP statuses by their
+type (:mod:`fish_s2.request.errors`): 400 invalid, 404 unknown voice, 429 busy, 503 unavailable,
+499 cancelled, 500 internal.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import contextlib
 import hmac
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -30,19 +32,16 @@ import urllib.request
 import numpy as np
 from aiohttp import web
 
-from ..client import AsyncTTSClient, AudioChunk, TTSError
+from ..client import AsyncTTSClient, AudioChunk
+from ..request import Internal, InvalidArgument, RequestError
 from . import protocol
 
 DEFAULT_MODEL = "fish-s2-pro"
 FORMATS = ("wav", "pcm")
-EXTENSIONS = {"seed": int, "temperature": float, "top_p": float, "top_k": int, "max_frames": int}
-KNOWN = {"model", "input", "voice", "response_format", "stream", "speed"} | set(EXTENSIONS)
-MAX_INPUT_CHARS = 4096
+EXTENSIONS = ("seed", "temperature", "top_p", "top_k", "max_frames")   # passed on as tts fields of these names
+KNOWN = {"model", "input", "voice", "response_format", "stream", "speed", *EXTENSIONS}
 UNKNOWN_SIZE = 0xFFFFFFFF
-
-
-class BadRequest(ValueError):
-    pass
+OPENAI_FIELDS = {"text": "input", "voice_id": "voice"}   # tts field -> this API's name for it
 
 
 def wav_header(sample_rate: int, n_samples: int | None) -> bytes:
@@ -54,74 +53,60 @@ def wav_header(sample_rate: int, n_samples: int | None) -> bytes:
 
 
 def pcm16(chunk: AudioChunk) -> bytes:
-    a = chunk.audio
-    if a.dtype != np.int16:
-        a = np.round(np.clip(a, -1.0, 1.0) * 32767.0).astype(np.int16)
+    a = chunk.audio if chunk.audio.dtype == np.int16 else protocol.to_pcm16(chunk.audio)
     return a.astype("<i2").tobytes()
 
 
 def parse_request(body: object, model_name: str) -> tuple[str, str, bool, dict]:
-    """(text, response_format, stream, tts fields) from the JSON body, or BadRequest naming the field."""
+    """(text, response_format, stream, tts fields) from the JSON body: this API's own fields are
+    checked here (InvalidArgument naming the field); the tts fields' values where they are turned
+    into tensors and by the server."""
     if not isinstance(body, dict):
-        raise BadRequest("body: expected a JSON object")
+        raise InvalidArgument("body", "expected a JSON object")
     unknown = sorted(set(body) - KNOWN)
     if unknown:
-        raise BadRequest(f"{unknown[0]}: unsupported field (supported: {', '.join(sorted(KNOWN))})")
+        raise InvalidArgument(unknown[0], f"unsupported field (supported: {', '.join(sorted(KNOWN))})")
     if body.get("model") != model_name:
-        raise BadRequest(f"model: this server serves {model_name!r}, got {body.get('model')!r}")
+        raise InvalidArgument("model", f"this server serves {model_name!r}, got {body.get('model')!r}")
     text = body.get("input")
-    if not isinstance(text, str) or not text.strip():
-        raise BadRequest("input: must be a non-empty string")
-    if len(text) > MAX_INPUT_CHARS:
-        raise BadRequest(f"input: at most {MAX_INPUT_CHARS} characters, got {len(text)}")
+    if not isinstance(text, str):
+        raise InvalidArgument("input", "must be a string")
     voice = body.get("voice", "default")
     if not isinstance(voice, str) or not voice:
-        raise BadRequest("voice: must be a voice id string ('default' for no reference voice)")
+        raise InvalidArgument("voice", "must be a voice id string ('default' for no reference voice)")
     fmt = body.get("response_format", "wav")
     if fmt not in FORMATS:
-        raise BadRequest(f"response_format: supported formats are {', '.join(FORMATS)}, got {fmt!r}")
+        raise InvalidArgument("response_format", f"supported formats are {', '.join(FORMATS)}, got {fmt!r}")
     if "speed" in body and body["speed"] != 1.0:
-        raise BadRequest(f"speed: only 1.0 is supported, got {body['speed']!r}")
+        raise InvalidArgument("speed", f"only 1.0 is supported, got {body['speed']!r}")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
-        raise BadRequest("stream: must be true or false")
-    fields: dict = {"sample_format": "int16"}
+        raise InvalidArgument("stream", "must be true or false")
+    fields: dict = {"sample_format": "int16", **{key: body[key] for key in EXTENSIONS if key in body}}
     if voice != "default":
         fields["voice_id"] = voice
-    for key, kind in EXTENSIONS.items():
-        if key in body:
-            v = body[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-                raise BadRequest(f"{key}: expected a number of type {kind.__name__}, got {v!r}")
-            fields[key] = kind(v)
     return text, fmt, stream, fields
 
 
-_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
-_REQUEST_FIELDS = {spec.name.lower() for spec in protocol.TTS_INPUTS}
-_OPENAI_NAMES = {"text": "input", "voice_id": "voice"}
+def error_body(e: RequestError) -> tuple[int, dict]:
+    """(HTTP status, OpenAI-style error body) of a typed error; request fields carry this API's names."""
+    field, message = e.field, str(e)
+    if field in OPENAI_FIELDS:
+        message = OPENAI_FIELDS[field] + message[len(field):]
+        field = OPENAI_FIELDS[field]
+    kind = "invalid_request_error" if e.http < 500 and e.http != 499 else "server_error"
+    return e.http, {"error": {"message": message, "type": kind, "param": field, "code": e.status.lower()}}
 
 
-def classify(e: TTSError) -> tuple[int, str | None, str]:
-    """(HTTP status, request field or None, message) of a server error. Stream errors carry no status
-    code, but request errors name their field first ("temperature: must be in [0, 2]...")."""
-    message = _ENSEMBLE_PREFIX.sub("", str(e))
-    code = (e.code or "").upper()
-    field = message.split(":", 1)[0] if ":" in message else ""
-    if field in _REQUEST_FIELDS or "INVALID" in code or "NOT_FOUND" in code:
-        name = _OPENAI_NAMES.get(field, field) if field in _REQUEST_FIELDS else None
-        if name and name != field:
-            message = name + message[len(field):]
-        return 400, name, message
-    if "UNAVAILABLE" in code or "RESOURCE_EXHAUSTED" in code or message.startswith(("queue full", "engine is shutting")):
-        return 503, None, message
-    return 500, None, message
+def _error(e: RequestError) -> web.Response:
+    status, body = error_body(e)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return web.json_response(body, status=status, headers=headers)
 
 
-def _error(status: int, message: str, field: str | None = None) -> web.Response:
-    err = {"message": message, "type": "invalid_request_error" if status == 400 else "server_error",
-           "param": field, "code": None}
-    return web.json_response({"error": err}, status=status)
+def _unauthorized() -> web.Response:
+    return web.json_response({"error": {"message": "missing or wrong API key", "type": "invalid_request_error",
+                                        "param": None, "code": "unauthorized"}}, status=401)
 
 
 class SpeechServer:
@@ -156,30 +141,29 @@ class SpeechServer:
 
     async def models(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
-            return _error(401, "missing or wrong API key")
+            return _unauthorized()
         return web.json_response({"object": "list", "data": [{"id": self.model_name, "object": "model",
                                                               "owned_by": "fish-s2"}]})
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
-            return _error(401, "missing or wrong API key")
+            return _unauthorized()
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "body: not valid JSON")
+            return _error(InvalidArgument("body", "not valid JSON"))
         try:
             text, fmt, stream, fields = parse_request(body, self.model_name)
-        except BadRequest as e:
-            return _error(400, str(e), str(e).split(":")[0])
+        except RequestError as e:
+            return _error(e)
         chunks = self.client.stream(text, **fields)
         async with contextlib.aclosing(chunks):
             try:  # the first chunk decides the status: errors before it are proper HTTP errors
                 first = await anext(chunks, None)
-            except TTSError as e:
-                status, field, message = classify(e)
-                return _error(status, message, field)
+            except RequestError as e:
+                return _error(e)
             if first is None:
-                return _error(500, "the server produced no audio")
+                return _error(Internal("the server produced no audio"))
             headers = {"Content-Type": "audio/wav" if fmt == "wav" else "audio/pcm",
                        "X-Sample-Rate": str(first.sample_rate)}
             if not stream:
@@ -195,7 +179,7 @@ class SpeechServer:
             try:
                 async for chunk in chunks:
                     await response.write(pcm16(chunk))
-            except TTSError:  # headers are out: all we can do is end the body early
+            except RequestError:  # headers are out: all we can do is end the body early
                 pass
             await response.write_eof()
             return response

@@ -5,22 +5,23 @@ Every tensor name, dtype and shape is declared once here: the repository generat
 tensors by these names, and the client builds its requests from them. Dims given as a name
 (``"codebooks"``, ``"rows"``) are filled from the checkpoint by the generator.
 
-A bad request raises :class:`RequestError` whose message starts with the field it is about
-(``"temperature: must be in [0, 2], got 3.0"``); the models turn it into an INVALID_ARG response.
+A bad request raises :class:`~fish_s2.request.InvalidArgument` naming the field it is about
+(``"temperature: must be in [0, 2], got 3"``); the models turn it into an INVALID_ARG response.
+Values are range-checked by the request layer's constructors (:class:`SamplingParams`,
+:class:`ChunkPlan`) and the deployment's :class:`Limits`; this module reads tensors into them.
+Torch-free: the client imports it.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine import RequestError
-from ..sampling import SamplingParams
-from ..streaming import ChunkPlan
+from ..request import ChunkPlan, InvalidArgument, Limits, SamplingParams
+from ..request.params import integer
 
 TTS, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
     "tts", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
@@ -90,7 +91,7 @@ GENERATE_INPUTS = (
     _s("TOP_K", np.int32, optional=True),
     _s("SEED", np.int64, optional=True),
     _s("MAX_FRAMES", np.int32, optional=True),
-    _s("CHUNK_PLAN", np.int32, (3,), optional=True),     # first_frames, chunk_frames, context_frames
+    _s("CHUNK_PLAN", np.int32, (3,), optional=True),     # ChunkPlan.as_list()
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
 )
@@ -143,6 +144,7 @@ class ChunkMeta:
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] -> 16-bit PCM."""
     return np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
@@ -151,34 +153,30 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
 Getter = Callable[[str], "np.ndarray | None"]   # name -> the request's tensor, None when absent
 
 
-def _one(get: Getter, spec: TensorSpec):
+def _one(get: Getter, spec: TensorSpec, required: bool = False):
+    """The single value of a scalar input as a Python value, or None when absent and optional."""
     a = get(spec.name)
     field = spec.name.lower()
     if a is None:
-        if spec.optional:
+        if spec.optional and not required:
             return None
-        raise RequestError(f"{field}: required")
+        raise InvalidArgument(field, "required")
     if a.size != 1:
-        raise RequestError(f"{field}: expected one value, got shape {list(a.shape)}")
+        raise InvalidArgument(field, f"expected one value, got shape {list(a.shape)}")
     v = a.reshape(-1)[0]
     if spec.dtype is np.object_:
         try:
             return v.decode("utf-8") if isinstance(v, bytes) else str(v)
         except UnicodeDecodeError:
-            raise RequestError(f"{field}: not valid UTF-8") from None
-    if np.dtype(spec.dtype).kind == "f":
-        v = float(v)
-        if not math.isfinite(v):
-            raise RequestError(f"{field}: must be finite, got {v}")
-        return v
-    return int(v)
+            raise InvalidArgument(field, "not valid UTF-8") from None
+    return float(v) if np.dtype(spec.dtype).kind == "f" else int(v)
 
 
 def check_voice_id(voice_id: str) -> str:
     """Voice ids are checked against a strict pattern before any path is built from them."""
     if not isinstance(voice_id, str) or not VOICE_ID.fullmatch(voice_id):
-        raise RequestError(f"voice_id: must match {VOICE_ID.pattern} (letters, digits, '_' and '-', "
-                           f"at most 64 characters), got {voice_id!r}")
+        raise InvalidArgument("voice_id", f"must match {VOICE_ID.pattern} (letters, digits, '_' and '-', "
+                                          f"at most 64 characters), got {voice_id!r}")
     return voice_id
 
 
@@ -196,35 +194,24 @@ def _reference(get: Getter, specs: dict[str, TensorSpec], max_seconds: float,
     text = _one(get, specs["REFERENCE_TEXT"])
     if audio is None and rate is None and text is None:
         if required:
-            raise RequestError("reference_audio: required")
+            raise InvalidArgument("reference_audio", "required")
         return None
     if audio is None or text is None or rate is None:
         missing = [n for n, v in (("reference_audio", audio), ("reference_sample_rate", rate),
                                   ("reference_text", text)) if v is None]
-        raise RequestError(f"{missing[0]}: required with a reference voice (reference_audio, "
-                           f"reference_sample_rate and reference_text go together)")
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise RequestError(f"reference_sample_rate: must be in [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}], got {rate}")
+        raise InvalidArgument(missing[0], "required with a reference voice (reference_audio, "
+                                          "reference_sample_rate and reference_text go together)")
+    integer("reference_sample_rate", rate, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
     audio = np.asarray(audio, dtype=np.float32).reshape(-1)
     if audio.size == 0:
-        raise RequestError("reference_audio: no samples")
+        raise InvalidArgument("reference_audio", "no samples")
     if audio.size > max_seconds * rate:
-        raise RequestError(f"reference_audio: {audio.size / rate:.1f} s, the limit is {max_seconds:g} s")
+        raise InvalidArgument("reference_audio", f"{audio.size / rate:.1f} s, the limit is {max_seconds:g} s")
     if not np.isfinite(audio).all():
-        raise RequestError("reference_audio: contains NaN or infinite samples")
+        raise InvalidArgument("reference_audio", "contains NaN or infinite samples")
     if not text.strip():
-        raise RequestError("reference_text: must not be empty")
+        raise InvalidArgument("reference_text", "must not be empty")
     return ReferenceInput(audio, rate, text)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the deployment allows, from its serving config."""
-
-    max_text_bytes: int
-    max_frames: int
-    max_reference_seconds: float
-    chunk_plan: ChunkPlan       # the engine's plan: defaults for the chunk fields
 
 
 @dataclass(frozen=True)
@@ -241,43 +228,32 @@ class TTSRequest:
 def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
     """Validate a tts request and fill every default, so dual_ar receives a complete request."""
     specs = {s.name: s for s in TTS_INPUTS}
-    text = _one(get, specs["TEXT"])
+    text = _one(get, specs["TEXT"], required=True)
     if not text.strip():
-        raise RequestError("text: must not be empty")
+        raise InvalidArgument("text", "must not be empty")
     if len(text.encode("utf-8")) > limits.max_text_bytes:
-        raise RequestError(f"text: {len(text.encode('utf-8'))} bytes, the limit is {limits.max_text_bytes}")
+        raise InvalidArgument("text", f"{len(text.encode('utf-8'))} bytes, the limit is {limits.max_text_bytes}")
     voice_id = _one(get, specs["VOICE_ID"])
     if voice_id is not None:
         check_voice_id(voice_id)
     reference = _reference(get, specs, limits.max_reference_seconds, required=False)
     if voice_id is not None and reference is not None:
-        raise RequestError("voice_id: give a registered voice or a reference voice, not both")
+        raise InvalidArgument("voice_id", "give a registered voice or a reference voice, not both")
 
     defaults = SamplingParams()
     value = lambda name, default: default if (v := _one(get, specs[name])) is None else v  # noqa: E731
     params = SamplingParams(temperature=value("TEMPERATURE", defaults.temperature),
                             top_p=value("TOP_P", defaults.top_p), top_k=value("TOP_K", defaults.top_k),
                             seed=value("SEED", defaults.seed))
-    plan = ChunkPlan(first_frames=value("FIRST_CHUNK_FRAMES", limits.chunk_plan.first_frames),
-                     chunk_frames=value("CHUNK_FRAMES", limits.chunk_plan.chunk_frames),
-                     context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames))
-    max_frames = value("MAX_FRAMES", limits.max_frames)
-    try:
-        params.validate()
-        plan.validate(limits.max_frames)
-    except ValueError as e:
-        raise RequestError(_field_names(str(e))) from None
-    if not 1 <= max_frames <= limits.max_frames:
-        raise RequestError(f"max_frames: must be in [1, {limits.max_frames}], got {max_frames}")
+    plan = limits.check_plan(ChunkPlan(
+        first_chunk_frames=value("FIRST_CHUNK_FRAMES", limits.chunk_plan.first_chunk_frames),
+        chunk_frames=value("CHUNK_FRAMES", limits.chunk_plan.chunk_frames),
+        context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames)))
+    max_frames = limits.check_frames(value("MAX_FRAMES", limits.max_frames))
     sample_format = value("SAMPLE_FORMAT", SAMPLE_FORMATS[0])
     if sample_format not in SAMPLE_FORMATS:
-        raise RequestError(f"sample_format: expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
+        raise InvalidArgument("sample_format", f"expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
     return TTSRequest(text, voice_id, reference, params, max_frames, plan, sample_format)
-
-
-def _field_names(message: str) -> str:
-    """ChunkPlan names its fields first_frames/...; the request calls them first_chunk_frames/..."""
-    return re.sub(r"^first_frames:", "first_chunk_frames:", message)
 
 
 @dataclass(frozen=True)
@@ -289,24 +265,25 @@ class VoiceRequest:
 
 def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceRequest:
     specs = {s.name: s for s in VOICES_INPUTS}
-    action = _one(get, specs["ACTION"])
+    action = _one(get, specs["ACTION"], required=True)
     if action not in VOICE_ACTIONS:
-        raise RequestError(f"action: expected one of {list(VOICE_ACTIONS)}, got {action!r}")
+        raise InvalidArgument("action", f"expected one of {list(VOICE_ACTIONS)}, got {action!r}")
     voice_id = _one(get, specs["VOICE_ID"])
     if action == "list":
         return VoiceRequest(action, None, None)
     if voice_id is None:
-        raise RequestError(f"voice_id: required to {action} a voice")
+        raise InvalidArgument("voice_id", f"required to {action} a voice")
     check_voice_id(voice_id)
     reference = _reference(get, specs, max_reference_seconds, required=action == "register")
     if action == "delete" and reference is not None:
-        raise RequestError("reference_audio: not used when deleting a voice")
+        raise InvalidArgument("reference_audio", "not used when deleting a voice")
     return VoiceRequest(action, voice_id, reference)
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What dual_ar receives from preprocess: a complete, validated generation request."""
+    """What dual_ar receives from preprocess: a complete generation request (the prompt's values are
+    the engine's to check against its model and buffers)."""
 
     prompt: np.ndarray          # int64 [rows, T]
     prefix_len: int
@@ -319,51 +296,44 @@ class GenerateRequest:
 
 def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start_ns: int) -> dict[str, np.ndarray]:
     """preprocess's outputs for one request (the dual_ar inputs, by name)."""
-    p, plan = req.params, req.chunk_plan
+    p = req.params
     return {"PROMPT": np.ascontiguousarray(prompt, dtype=np.int64),
             "PREFIX_LEN": np.array([prefix_len], np.int32),
             "TEMPERATURE": np.array([p.temperature], np.float32), "TOP_P": np.array([p.top_p], np.float32),
             "TOP_K": np.array([p.top_k], np.int32), "SEED": np.array([p.seed], np.int64),
             "MAX_FRAMES": np.array([req.max_frames], np.int32),
-            "CHUNK_PLAN": np.array([plan.first_frames, plan.chunk_frames, plan.context_frames], np.int32),
+            "CHUNK_PLAN": np.array(req.chunk_plan.as_list(), np.int32),
             "FORMAT_CODE": np.array([SAMPLE_FORMATS.index(req.sample_format)], np.int32),
             "START_NS": np.array([start_ns], np.int64)}
 
 
 def parse_generate_request(get: Getter) -> GenerateRequest | None:
-    """A dual_ar request: None for a stop request (STOP alone), else every generation input is required.
-    Ranges are the engine's to check (it raises RequestError naming the field)."""
+    """A dual_ar request: None for a stop request (STOP alone), else every generation input is required."""
     specs = {s.name: s for s in DUAL_AR_INPUTS}
     present = [s.name for s in GENERATE_INPUTS if get(s.name) is not None]
     if _one(get, specs["STOP"]):
         if present:
-            raise RequestError(f"stop: a stop request carries no other inputs, got {present}")
+            raise InvalidArgument("stop", f"a stop request carries no other inputs, got {present}")
         return None
     prompt = get("PROMPT")
     if prompt is None:
-        raise RequestError("prompt: required")
+        raise InvalidArgument("prompt", "required")
     if prompt.ndim != 2 or prompt.dtype.kind not in "iu":
-        raise RequestError(f"prompt: expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
-    scalars = {s.name: _required(get, s) for s in GENERATE_INPUTS if s.dims == (1,)}
+        raise InvalidArgument("prompt", f"expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
+    scalars = {s.name: _one(get, s, required=True) for s in GENERATE_INPUTS if s.dims == (1,)}
     plan = get("CHUNK_PLAN")
     if plan is None or plan.size != 3:
-        raise RequestError(f"chunk_plan: expected [first_frames, chunk_frames, context_frames], got "
-                           f"{None if plan is None else list(plan.shape)}")
-    if not 0 <= scalars["FORMAT_CODE"] < len(SAMPLE_FORMATS):
-        raise RequestError(f"format_code: must be in [0, {len(SAMPLE_FORMATS) - 1}], got {scalars['FORMAT_CODE']}")
+        raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} values [first_chunk_frames, "
+                                            f"chunk_frames, context_frames], got "
+                                            f"{None if plan is None else list(plan.shape)}")
+    integer("format_code", scalars["FORMAT_CODE"], 0, len(SAMPLE_FORMATS) - 1)
     return GenerateRequest(
-        prompt=prompt.astype(np.int64), prefix_len=scalars["PREFIX_LEN"],
+        prompt=prompt.astype(np.int64), prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
         params=SamplingParams(temperature=scalars["TEMPERATURE"], top_p=scalars["TOP_P"], top_k=scalars["TOP_K"],
                               seed=scalars["SEED"]),
-        max_frames=scalars["MAX_FRAMES"], chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
+        max_frames=integer("max_frames", scalars["MAX_FRAMES"], 1, 1 << 31),
+        chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
         format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
-
-
-def _required(get: Getter, spec: TensorSpec):
-    value = _one(get, spec)
-    if value is None:
-        raise RequestError(f"{spec.name.lower()}: required")
-    return value
 
 
 # ---------------------------------------------------------------- building requests (client side)
@@ -374,7 +344,8 @@ def tts_inputs(text: str, *, voice_id: str | None = None, reference_audio: np.nd
                seed: int | None = None, max_frames: int | None = None, first_chunk_frames: int | None = None,
                chunk_frames: int | None = None, context_frames: int | None = None,
                sample_format: str | None = None) -> dict[str, np.ndarray]:
-    """The tensors of a tts request; fields left None are not sent (the server's defaults apply)."""
+    """The tensors of a tts request; fields left None are not sent (the server's defaults apply).
+    A value that its tensor type cannot hold is an InvalidArgument naming the field (never a wrap)."""
     return _arrays(TTS_INPUTS, dict(text=text, voice_id=voice_id, reference_audio=reference_audio,
                                     reference_sample_rate=reference_sample_rate, reference_text=reference_text,
                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -392,12 +363,21 @@ def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.n
 def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray]:
     out = {}
     for spec in specs:
-        v = values[spec.name.lower()]
+        field = spec.name.lower()
+        v = values[field]
         if v is None:
             continue
         if spec.dtype is np.object_:
+            if not isinstance(v, str):
+                raise InvalidArgument(field, f"expected a string, got {type(v).__name__}")
             out[spec.name] = np.array([v.encode("utf-8")], dtype=np.object_)
         elif spec.dims == (1,):
+            kind = np.dtype(spec.dtype).kind
+            if kind in "iu":
+                info = np.iinfo(spec.dtype)
+                integer(field, v, int(info.min), int(info.max))
+            elif isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+                raise InvalidArgument(field, f"expected a number, got {v!r}")
             out[spec.name] = np.array([v], dtype=spec.dtype)
         else:
             out[spec.name] = np.ascontiguousarray(v, dtype=spec.dtype).reshape(-1)

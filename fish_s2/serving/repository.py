@@ -8,10 +8,11 @@ placeholders; tensor blocks rendered from :mod:`fish_s2.serving.protocol`, dims 
 checkpoint), the python models' ``model.py`` and ``OUT/serving.yaml`` (:class:`ServingConfig`), so
 the repository the tests run is the one that ships. Export outputs are found under ARTIFACTS:
 ``onnx/codec_decoder.onnx`` and ``onnx/codec_encoder.onnx`` (ONNX Runtime codec on the CPU),
-``trtllm/`` (TensorRT-LLM model directory) and ``trt/codec_decoder.plan`` (GPU), as
-``python -m fish_s2.export`` writes them. With runtime trtllm the engine limits in serving.yaml are
-those of the LLM-API settings file (``fish_s2/trtllm/llm_api.yaml`` unless ``trtllm_settings`` names
-another), so preprocess validates against the limits the engine has.
+``onnx/fast_ar.onnx`` (offered to the torch engine as ``fast_ar_onnx``; ``--set fast_ar_runtime=onnx``
+uses it), ``trtllm/`` (TensorRT-LLM model directory) and ``trt/codec_decoder.plan`` (GPU), as
+``python -m fish_s2.export`` writes them. The engine block of serving.yaml is the one source of the
+engine's limits for both runtimes; with runtime trtllm the LLM-API settings file
+(``fish_s2/trtllm/llm_api.yaml`` unless ``trtllm_settings`` names another) is checked against it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import yaml
 from ..checkpoint import load_config
 from . import protocol as p
 from .config import FILE_NAME, TRITON_CODECS, ServingConfig
-from .runtime import trtllm_settings
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
 MODELS = (p.TTS, p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
@@ -38,7 +38,7 @@ PYTHON_MODELS = (p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOIC
 
 
 @dataclass(frozen=True)
-class TritonSettings:
+class TritonModelSettings:
     """Scheduling settings that go into config.pbtxt rather than serving.yaml."""
 
     preprocess_instances: int = 1
@@ -49,14 +49,14 @@ class TritonSettings:
 
 
 # per profile: serving.yaml settings (on top of ServingConfig's defaults) and Triton settings
-PROFILES = {
+PROFILE_SETTINGS = {
     # cpu: every model is its own process sharing a few cores, so one intra-op thread each (torch's
     # default of one per core oversubscribes them; loadgen measured higher throughput with 1)
     "cpu": ({"device": "cpu", "dtype": "float32", "runtime": "torch", "threads": 1,
-             "engine": {"max_active": 16, "max_queued": 64}}, TritonSettings()),
+             "engine": {"max_active": 16, "max_queued": 64}}, TritonModelSettings()),
     "gpu": ({"device": "cuda", "dtype": "bfloat16", "runtime": "trtllm",
              "engine": {"max_active": 32, "max_queued": 128}},
-            TritonSettings(preprocess_instances=2, postprocess_instances=2, codec_max_batch=32,
+            TritonModelSettings(preprocess_instances=2, postprocess_instances=2, codec_max_batch=32,
                            codec_queue_delay_us=1000)),
 }
 
@@ -74,6 +74,10 @@ class Artifacts:
         return self.root / "onnx" / "codec_encoder.onnx"
 
     @property
+    def fast_ar_onnx(self) -> Path:
+        return self.root / "onnx" / "fast_ar.onnx"
+
+    @property
     def trtllm_dir(self) -> Path:
         return self.root / "trtllm"
 
@@ -83,21 +87,24 @@ class Artifacts:
 
 
 def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: Path,
-                   overrides: dict[str, object]) -> tuple[ServingConfig, TritonSettings]:
+                   overrides: dict[str, object]) -> tuple[ServingConfig, TritonModelSettings]:
     """The profile's settings, with export outputs found under ``artifacts``, then ``overrides``."""
-    if profile not in PROFILES:
-        raise ValueError(f"--profile: expected one of {sorted(PROFILES)}, got {profile!r}")
-    defaults, triton = PROFILES[profile]
+    if profile not in PROFILE_SETTINGS:
+        raise ValueError(f"--profile: expected one of {sorted(PROFILE_SETTINGS)}, got {profile!r}")
+    defaults, triton = PROFILE_SETTINGS[profile]
     art = Artifacts(artifacts.resolve())
     data = {**defaults, "profile": profile, "checkpoint": str(checkpoint.resolve()),
             "voices_dir": str(voices_dir.resolve())}
     if profile == "cpu":   # ONNX Runtime codec when the export exists and its runtime is installed
-        onnx = art.codec_decoder_onnx.is_file() and importlib.util.find_spec("fish_s2.ort_runtime") is not None
+        ort = importlib.util.find_spec("fish_s2.ort_runtime") is not None
+        onnx = ort and art.codec_decoder_onnx.is_file()
         data["codec_runtime"] = "onnx" if onnx else "torch"
         if onnx:
             data["codec_decoder_path"] = str(art.codec_decoder_onnx)
             if art.codec_encoder_onnx.is_file():
                 data["codec_encoder_onnx"] = str(art.codec_encoder_onnx)
+        if ort and art.fast_ar_onnx.is_file():
+            data["fast_ar_onnx"] = str(art.fast_ar_onnx)
     else:
         plan = art.codec_decoder_plan.is_file()
         data["codec_runtime"] = "tensorrt" if plan else "onnxruntime"
@@ -105,23 +112,22 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         data["trtllm_dir"] = str(art.trtllm_dir)
     triton_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("triton.")}
     for key in triton_overrides:
-        if key not in {f.name for f in dataclasses.fields(TritonSettings)}:
+        if key not in {f.name for f in dataclasses.fields(TritonModelSettings)}:
             raise ValueError(f"triton.{key}: unknown setting")
     triton = dataclasses.replace(triton, **triton_overrides)
-    for f in dataclasses.fields(TritonSettings):
+    for f in dataclasses.fields(TritonModelSettings):
         value = getattr(triton, f.name)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "delay" in f.name else 1):
             raise ValueError(f"triton.{f.name}: out of range, got {value!r}")
-    if overrides.get("runtime", data["runtime"]) == "trtllm" and any(k.startswith("engine.") for k in overrides):
-        raise ValueError("engine.*: with runtime trtllm the engine limits come from the LLM-API settings file; "
-                         "edit that file (or name another with trtllm_settings)")
     base = ServingConfig.from_dict({k: v for k, v in data.items() if k != "engine"})
     cfg = base.with_overrides({**{f"engine.{k}": v for k, v in data["engine"].items()},
                                **{k: v for k, v in overrides.items() if not k.startswith("triton.")}})
-    if cfg.runtime == "trtllm":
-        cfg = dataclasses.replace(cfg, engine=trtllm_settings(cfg).engine).validate()
+    if cfg.runtime == "trtllm":   # the LLM-API settings must fit the engine block (importing no tensorrt_llm)
+        from ..trtllm.settings import DEFAULT_PATH, load_trtllm_settings
+
+        load_trtllm_settings(cfg.trtllm_settings or DEFAULT_PATH).validate(cfg.engine)
     used = {"trtllm_dir": cfg.runtime == "trtllm", "codec_decoder_path": cfg.codec_runtime != "torch",
-            "codec_encoder_onnx": True}
+            "codec_encoder_onnx": True, "fast_ar_onnx": cfg.fast_ar_runtime == "onnx"}
     for name, needed in used.items():
         path = getattr(cfg, name)
         if needed and path is not None and not Path(path).exists():
@@ -161,7 +167,7 @@ def _codec_io_names(cfg: ServingConfig) -> dict[str, str]:
     return names
 
 
-def template_values(cfg: ServingConfig, triton: TritonSettings, sizes: dict[str, int]) -> dict[str, dict[str, str]]:
+def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict[str, int]) -> dict[str, dict[str, str]]:
     """Placeholder values per model."""
     codec_names = _codec_io_names(cfg)
     gen = [s.name for s in p.GENERATE_INPUTS]
@@ -234,7 +240,7 @@ def _parse_overrides(items: list[str]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fish_s2.serving.repository", description=__doc__.split("\n")[0])
-    ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    ap.add_argument("--profile", required=True, choices=sorted(PROFILE_SETTINGS))
     ap.add_argument("--checkpoint", required=True, help="upstream-format S2 checkpoint directory")
     ap.add_argument("--artifacts", required=True, help="export output directory")
     ap.add_argument("--out", required=True, help="model repository to write")

@@ -15,7 +15,8 @@ from ..audio import to_rate
 from ..checkpoint import load_config, load_dual_ar
 from ..codec import Codec, CodecConfig
 from ..config import DualARConfig
-from ..engine import Engine, RequestError
+from ..engine import Engine
+from ..request import InvalidArgument
 from ..tokenizer import S2Tokenizer
 from .config import PYTHON_CODECS, ServingConfig
 
@@ -29,27 +30,23 @@ def load_text_side(cfg: ServingConfig) -> tuple[DualARConfig, S2Tokenizer]:
     return load_config(cfg.checkpoint)
 
 
-def trtllm_settings(cfg: ServingConfig):
-    """The LLM-API settings of runtime trtllm (reading them needs no tensorrt_llm)."""
-    from ..trtllm.settings import DEFAULT_PATH, load_settings
-
-    return load_settings(cfg.trtllm_settings or DEFAULT_PATH)
-
-
 def build_engine(cfg: ServingConfig):
-    """A started engine with :class:`fish_s2.engine.Engine`'s interface."""
+    """A started engine with :class:`fish_s2.engine.Engine`'s interface, limits from ``cfg.engine``."""
     if cfg.runtime == "trtllm":
         from ..trtllm.engine import TrtllmEngine  # GPU only; imports tensorrt_llm when started
+        from ..trtllm.settings import DEFAULT_PATH, load_trtllm_settings
 
-        settings = trtllm_settings(cfg)
-        if settings.engine != cfg.engine:
-            raise ValueError("engine: serving.yaml and the LLM-API settings disagree; regenerate the repository")
-        return TrtllmEngine(cfg.trtllm_dir, settings).start()
+        return TrtllmEngine(cfg.trtllm_dir, cfg.engine, load_trtllm_settings(cfg.trtllm_settings or DEFAULT_PATH)).start()
     dual_cfg, _ = load_config(cfg.checkpoint)
     model = load_dual_ar(cfg.checkpoint, dual_cfg, cfg.dtype, cfg.device)
-    engine = Engine(model, cfg.engine)
-    if engine.use_graphs:   # capture every decode graph now rather than during the first requests
-        engine.capture_graphs(cfg.engine.max_active, cfg.engine.max_seq_len)
+    fast_ar = None
+    if cfg.fast_ar_runtime == "onnx":
+        from ..ort_runtime import OrtFastAR
+
+        fast_ar = OrtFastAR(cfg.fast_ar_onnx, threads=cfg.threads or None)
+    engine = Engine(model, cfg.engine, fast_ar)
+    if engine.runner.use_graphs:   # capture every decode graph now rather than during the first requests
+        engine.runner.capture_graphs(cfg.engine.max_active, cfg.engine.max_seq_len)
     return engine.start()
 
 
@@ -108,4 +105,4 @@ class ReferenceEncoder:
         try:
             return np.asarray(self._encode(samples[None]))[0].astype(np.int64)
         except ValueError as e:   # e.g. longer than the exported encoder takes
-            raise RequestError(f"reference_audio: {e}") from None
+            raise InvalidArgument("reference_audio", str(e)) from None

@@ -1,5 +1,4 @@
-"""Registered voices on disk (one folder per voice id: reference codes and transcript), and the
-prompt of a request, whose system block is the voice's cacheable prefix.
+"""Registered voices on disk (one folder per voice id: reference codes and transcript).
 
 ``<root>/<voice_id>/codes.npy`` (int32 [num_codebooks, T], read back with ``allow_pickle=False``)
 and ``voice.json`` (transcript and sizes). A voice appears and disappears with one ``rename``, so
@@ -20,19 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine import RequestError
-from ..prompt import PromptBuilder, Reference
+from ..prompt import Reference
+from ..request import AlreadyExists, InvalidArgument, NotFound
 from .protocol import check_voice_id
 
 CODES_FILE, META_FILE = "codes.npy", "voice.json"
-
-
-class VoiceNotFound(RequestError):
-    code = "NOT_FOUND"
-
-
-class VoiceExists(RequestError):
-    code = "ALREADY_EXISTS"
 
 
 @dataclass(frozen=True)
@@ -57,17 +48,17 @@ class VoiceRegistry:
     def _path(self, voice_id: str) -> Path:
         path = self.root / check_voice_id(voice_id)
         if path.parent != self.root:  # cannot happen with the pattern; kept as the last line of defence
-            raise RequestError(f"voice_id: {voice_id!r} leaves the voices folder")
+            raise InvalidArgument("voice_id", f"{voice_id!r} leaves the voices folder")
         return path
 
     def add(self, voice_id: str, text: str, codes: np.ndarray) -> Voice:
         path = self._path(voice_id)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[0] != self.num_codebooks or codes.shape[1] == 0:
-            raise RequestError(f"reference_audio: encoded to codes of shape {list(codes.shape)}, expected "
-                               f"[{self.num_codebooks}, T > 0]")
+            raise InvalidArgument("reference_audio", f"encoded to codes of shape {list(codes.shape)}, expected "
+                                                     f"[{self.num_codebooks}, T > 0]")
         if path.exists():
-            raise VoiceExists(f"voice_id: {voice_id!r} is already registered; delete it first")
+            raise AlreadyExists("voice_id", f"{voice_id!r} is already registered; delete it first")
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
@@ -78,7 +69,7 @@ class VoiceRegistry:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             if path.exists():
-                raise VoiceExists(f"voice_id: {voice_id!r} is already registered; delete it first") from None
+                raise AlreadyExists("voice_id", f"{voice_id!r} is already registered; delete it first") from None
             raise
         return self.get(voice_id)
 
@@ -88,7 +79,7 @@ class VoiceRegistry:
             meta = json.loads((path / META_FILE).read_text())
             codes = np.load(path / CODES_FILE, allow_pickle=False)
         except FileNotFoundError:
-            raise VoiceNotFound(f"voice_id: unknown voice {voice_id!r}") from None
+            raise NotFound("voice_id", f"unknown voice {voice_id!r}") from None
         if codes.ndim != 2 or codes.shape[0] != self.num_codebooks or codes.dtype.kind != "i":
             raise ValueError(f"voice {voice_id!r}: stored codes have shape {list(codes.shape)} "
                              f"({codes.dtype}), expected int [{self.num_codebooks}, T]")
@@ -101,7 +92,7 @@ class VoiceRegistry:
                 continue
             try:
                 voices.append(self.get(entry))
-            except (VoiceNotFound, RequestError):   # deleted meanwhile, or not a voice folder
+            except (NotFound, InvalidArgument):   # deleted meanwhile, or not a voice folder
                 continue
         return voices
 
@@ -111,14 +102,5 @@ class VoiceRegistry:
         try:
             os.rename(path, trash)
         except FileNotFoundError:
-            raise VoiceNotFound(f"voice_id: unknown voice {voice_id!r}") from None
+            raise NotFound("voice_id", f"unknown voice {voice_id!r}") from None
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def build_prompt(builder: PromptBuilder, text: str, references: list[Reference]) -> tuple[torch.Tensor, int]:
-    """The full prompt [rows, T] of one request and the length of its cacheable voice prefix.
-
-    The whole text is one user turn (upstream's behaviour for text without speaker tags)."""
-    system = builder.system(references)
-    prompt = torch.cat([system, builder.user(text), builder.assistant_start()], dim=1)
-    return prompt, system.shape[1]

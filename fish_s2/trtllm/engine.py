@@ -1,16 +1,16 @@
 """``TrtllmEngine``: the streaming engine of :mod:`fish_s2.engine`, over ``tensorrt_llm.LLM``.
 
-Same public interface as :class:`fish_s2.engine.Engine` (``submit`` raising RequestError /
-EngineBusy, ``cancel``, ``stats``, ``start``, ``stop``; events ChunkEvent and exactly one Finished
-per request; chunking by :class:`fish_s2.streaming.Chunker`), so the Triton dual_ar model can host
-either. Each request is one ``LLM.generate_async(..., streaming=True)`` on an asyncio loop thread;
-TensorRT-LLM does the in-flight batching, paged KV with block reuse and CUDA graphs, and the model
+Same public interface as :class:`fish_s2.engine.Engine` (``submit``, ``cancel``, ``stats``,
+``start``, ``stop``) and the same request lifecycle (:class:`fish_s2.request.Lifecycle`: admission,
+chunking, cancellation, exactly one Finished), so the Triton dual_ar model can host either. Each
+request is one ``LLM.generate_async(..., streaming=True)`` on an asyncio loop thread; TensorRT-LLM
+does the in-flight batching, paged KV with block reuse and CUDA graphs, and the model
 (:mod:`fish_s2.trtllm.model`) does the Dual-AR frame step. Frames are read from each streamed
 output: the generated main tokens, and the cumulative ``fish_codes`` additional output of which
 only the new rows are taken. Cancel = ``abort()``; the executor then frees the request's KV blocks
 and its slot (``free_resources``).
 
-tensorrt_llm is imported only by the default LLM factory, when the engine is built.
+tensorrt_llm is imported only by the default LLM factory, when the engine is started.
 """
 
 from __future__ import annotations
@@ -21,22 +21,20 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..config import DualARConfig
-from ..engine import (ChunkEvent, EngineBusy, EngineRequest, Event, Finished, RequestError, RequestHandle,
-                      validate_request)
+from ..engine.config import EngineConfig, check_request
+from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestHandle, Unavailable
 from ..sampling import seed_to_key
-from ..streaming import Chunker
 from .hf_config import FishS2Config
 from .model import CODES_OUTPUT, request_inputs
-from .settings import TrtllmSettings, load_settings
+from .settings import TrtllmSettings, load_trtllm_settings
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +53,7 @@ def cache_salt(prompt: Tensor, cfg: DualARConfig) -> str:
     return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
 
 
-def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, cfg: DualARConfig):
+def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, engine: EngineConfig, cfg: DualARConfig):
     """Build ``tensorrt_llm.LLM`` for a converted directory with the slot manager installed.
 
     The worker must run in this process (``TLLM_WORKER_USE_SINGLE_PROCESS=1``): the model class, its
@@ -68,7 +66,8 @@ def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, cfg: DualARC
     from .model import register
 
     register()
-    manager = state.SlotManager(state.SlotState(settings.n_slots, settings.max_batch_size, cfg.num_codebooks, "cuda"))
+    manager = state.SlotManager(state.SlotState(settings.n_slots(engine), engine.max_active, cfg.num_codebooks,
+                                                "cuda"))
     state.bind(manager)
 
     class FishLLM(LLM):
@@ -76,45 +75,40 @@ def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, cfg: DualARC
             self.args.extra_resource_managers = {"fish_s2_slots": manager}
             super()._build_model()
 
-    return FishLLM(model=str(model_dir), **settings.build_llm_kwargs()), SamplingParams
+    return FishLLM(model=str(model_dir), **settings.build_llm_kwargs(engine)), SamplingParams
 
 
 @dataclass
-class _Live:
-    req: EngineRequest
-    sink: Callable[[Event], None]
-    chunker: Chunker
-    t_submit: float
-    result: object = None          # the GenerationResult, once generate_async returned
-    cancel_requested: bool = False
-    n_tokens: int = 0              # main tokens already turned into frames
-    n_frames: int = 0
+class _Run:
+    """The engine's side of one request: its coroutine and, once started, its GenerationResult."""
+
+    future: concurrent.futures.Future | None = None
+    result: object = None
     started: bool = False          # first output seen (prompt prefilled)
-    future: concurrent.futures.Future | None = field(default=None, repr=False)
+    n_tokens: int = 0              # main tokens already turned into frames
 
 
 class TrtllmEngine:
-    def __init__(self, model_dir: str | Path, settings: TrtllmSettings | None = None,
+    def __init__(self, model_dir: str | Path, engine: EngineConfig, settings: TrtllmSettings | None = None,
                  llm_factory: Callable | None = None):
         self.model_dir = Path(model_dir)
         self.model_cfg = FishS2Config.from_pretrained(str(self.model_dir)).dual_ar_config()
-        self.settings = (settings or load_settings()).validate(self.model_cfg.slow.max_seq_len)
-        self.cfg = self.settings.engine
+        self.cfg: EngineConfig = engine.validate(self.model_cfg.slow.max_seq_len)
+        self.settings = (settings or load_trtllm_settings()).validate(self.cfg)
         self._llm_factory = llm_factory or _default_llm_factory
         self.llm = None
         self._sampling_cls = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._live: dict[str, _Live] = {}
+        self.lifecycle = Lifecycle(self.cfg.max_in_flight, self.cfg.chunk_plan, self.cfg.max_frames,
+                                   on_cancel=self._abort, check_period_s=self.cfg.cancel_check_ms / 1000)
         self._stopping = False
-        self.frames_generated = 0
 
     # ------------------------------------------------------------------ public API (any thread)
 
     def start(self) -> "TrtllmEngine":
         """Build the LLM (loads weights, captures CUDA graphs) and start the loop thread."""
-        self.llm, self._sampling_cls = self._llm_factory(self.model_dir, self.settings, self.model_cfg)
+        self.llm, self._sampling_cls = self._llm_factory(self.model_dir, self.settings, self.cfg, self.model_cfg)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fish-s2-trtllm", daemon=True)
         self._thread.start()
@@ -122,147 +116,103 @@ class TrtllmEngine:
         return self
 
     def submit(self, req: EngineRequest, sink: Callable[[Event], None] | None = None) -> RequestHandle | None:
-        """Start a request. Bad requests raise RequestError, a full engine EngineBusy, both at once.
-
-        Events go to ``sink`` (called on the engine's loop thread) or, without one, to the handle."""
-        validate_request(req, self.cfg, self.model_cfg)
-        handle = None
-        if sink is None:
-            handle = RequestHandle(req.request_id, self)
-            sink = handle.put
-        with self._lock:
-            if self._stopping or self._loop is None:
-                raise EngineBusy("engine is not running")
-            if req.request_id in self._live:
-                raise RequestError(f"request_id: {req.request_id!r} is already in flight")
-            limit = self.cfg.max_active + self.cfg.max_queued
-            if len(self._live) >= limit:
-                raise EngineBusy(f"{len(self._live)} requests in flight (max_batch_size + max_queued = {limit}); "
-                                 f"retry later")
-            live = self._live[req.request_id] = _Live(req, sink, Chunker(req.chunk_plan or self.cfg.chunk_plan),
-                                                      time.perf_counter())
-            live.future = asyncio.run_coroutine_threadsafe(self._serve(live), self._loop)
+        """Start a request: InvalidArgument, Busy or Unavailable at once, else its events go to ``sink``
+        (called on the engine's loop thread) or, without one, to the returned handle."""
+        check_request(req, self.cfg, self.model_cfg)
+        if self._loop is None:
+            raise Unavailable("the engine is not running; retry later")
+        live, handle = self.lifecycle.open(req, sink)
+        run = live.engine_state = _Run()
+        run.future = asyncio.run_coroutine_threadsafe(self._serve(live, run), self._loop)
         return handle
 
-    def cancel(self, request_id: str) -> None:
-        with self._lock:
-            live = self._live.get(request_id)
-            if live is None or live.cancel_requested:
-                return
-            live.cancel_requested = True
-            result = live.result
-        if result is not None:
-            self._loop.call_soon_threadsafe(result.abort)
+    def cancel(self, request_id: str) -> bool:
+        return self.lifecycle.cancel(request_id)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort everything in flight (each gets Finished 'cancelled'), then stop the loop and the LLM."""
-        with self._lock:
-            self._stopping = True
-            ids, futures = list(self._live), [lv.future for lv in self._live.values()]
-        for rid in ids:
-            self.cancel(rid)
-        concurrent.futures.wait([f for f in futures if f is not None], timeout)
+        """Refuse new requests, abort everything in flight (each gets Finished "cancelled"), then stop
+        the loop and the LLM."""
+        self.lifecycle.close()
+        self._stopping = True
+        lives = self.lifecycle.lives()
+        for live in lives:
+            self.lifecycle.cancel(live.request_id)
+        concurrent.futures.wait([lv.engine_state.future for lv in lives if lv.engine_state is not None], timeout)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
-            self._loop.close()
+            if not self._thread.is_alive():
+                self._loop.close()
             self._loop = self._thread = None
+        self.lifecycle.finish_all("cancelled")
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
 
     def stats(self) -> dict:
-        with self._lock:
-            started = sum(lv.started for lv in self._live.values())
-            return {"active": started, "queued": len(self._live) - started,
-                    "frames_generated": self.frames_generated}
-
-    # ------------------------------------------------------------------ validation
+        lives = self.lifecycle.lives()
+        started = sum(1 for lv in lives if lv.engine_state is not None and lv.engine_state.started)
+        return {"active": started, "queued": len(lives) - started, "frames_generated": self.lifecycle.frames_generated}
 
     # ------------------------------------------------------------------ loop thread
 
-    def _sampling_params(self, req: EngineRequest):
-        cfg = self.model_cfg
-        return self._sampling_cls(max_tokens=req.max_frames or self.cfg.max_frames, end_id=cfg.eos_id,
-                                  pad_id=cfg.pad_id, top_k=1, detokenize=False, n=1,
-                                  additional_model_outputs=[CODES_OUTPUT])
+    def _abort(self, live: Live) -> None:
+        run = live.engine_state
+        if run is not None and run.result is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(run.result.abort)
 
-    async def _serve(self, live: _Live) -> None:
+    def _sampling_params(self, live: Live):
+        cfg = self.model_cfg
+        return self._sampling_cls(max_tokens=live.max_frames, end_id=cfg.eos_id, pad_id=cfg.pad_id, top_k=1,
+                                  detokenize=False, n=1, additional_model_outputs=[CODES_OUTPUT])
+
+    async def _serve(self, live: Live, run: _Run) -> None:
         reason, error, out = "error", None, None
         try:
             if not live.cancel_requested:
                 req = live.req
-                inputs = request_inputs(req.prompt, req.params, seed_to_key(req.params.seed))
-                live.result = self.llm.generate_async(inputs, self._sampling_params(req), streaming=True,
-                                                      cache_salt=cache_salt(req.prompt, self.model_cfg))
+                prompt = torch.as_tensor(req.prompt).to(torch.long)
+                inputs = request_inputs(prompt, req.params, seed_to_key(req.params.seed))
+                run.result = self.llm.generate_async(inputs, self._sampling_params(live), streaming=True,
+                                                     cache_salt=cache_salt(prompt, self.model_cfg))
                 if live.cancel_requested:  # cancelled while generate_async was being called
-                    live.result.abort()
-                async for out in live.result:
-                    self._on_output(live, out.outputs[0])
+                    run.result.abort()
+                async for out in run.result:
+                    self._on_output(live, run, out.outputs[0])
             if live.cancel_requested:
                 reason = "cancelled"
             elif out is not None:
                 reason = _REASONS.get(out.outputs[0].finish_reason, "error")
                 if reason == "error":
-                    error = f"generation ended with finish_reason={out.outputs[0].finish_reason!r}"
+                    error = Internal(f"generation ended with finish_reason={out.outputs[0].finish_reason!r}")
             else:
-                error = "generation produced no output"
+                error = Internal("generation produced no output")
         except Exception as e:
-            log.exception("request %s failed", live.req.request_id)
-            reason, error = ("cancelled", None) if live.cancel_requested else ("error", f"{type(e).__name__}: {e}")
+            if not live.cancel_requested:
+                log.exception("request %s failed", live.request_id)
+            reason, error = ("cancelled", None) if live.cancel_requested else \
+                ("error", Internal(f"{type(e).__name__}: {e}"))
         finally:
-            self._finish(live, reason, error)
+            self.lifecycle.finish(live, reason, error)
 
-    def _on_output(self, live: _Live, output) -> None:
-        live.started = True
+    def _on_output(self, live: Live, run: _Run, output) -> None:
+        run.started = True
         tokens = output.token_ids
-        if len(tokens) == live.n_tokens:
+        if len(tokens) == run.n_tokens:
             return
         codes = (output.additional_generation_outputs or {}).get(CODES_OUTPUT)
         if codes is None or codes.shape[0] < len(tokens):
             raise RuntimeError(f"model returned {0 if codes is None else codes.shape[0]} '{CODES_OUTPUT}' rows for "
                                f"{len(tokens)} tokens")
         eos = self.model_cfg.eos_id
-        for i in range(live.n_tokens, len(tokens)):
+        for i in range(run.n_tokens, len(tokens)):
             if tokens[i] == eos:
                 break
-            live.n_frames += 1
-            self.frames_generated += 1
-            chunk = live.chunker.push(codes[i].reshape(-1).to(torch.long))
-            if chunk is not None:
-                self._send(live, ChunkEvent(live.req.request_id, chunk, time.perf_counter() - live.t_submit))
-        live.n_tokens = len(tokens)
-
-    def _send(self, live: _Live, event: Event) -> None:
-        try:
-            live.sink(event)
-        except Exception:  # a broken sink (client gone) must not take the loop down
-            log.exception("sink failed for request %s", live.req.request_id)
-            if not isinstance(event, Finished):
-                self.cancel(live.req.request_id)
-
-    def _finish(self, live: _Live, reason: str, error: str | None) -> None:
-        try:
-            last = live.chunker.flush() if reason in ("stop", "length") else None
-            if last is not None:
-                self._send(live, ChunkEvent(live.req.request_id, last, time.perf_counter() - live.t_submit))
-        finally:
-            with self._lock:
-                self._live.pop(live.req.request_id, None)
-            self._send(live, Finished(live.req.request_id, reason, live.n_frames, error))
+            self.lifecycle.frame(live, codes[i].reshape(-1).to(torch.long).numpy())
+        run.n_tokens = len(tokens)
 
     def _poll_cancelled(self) -> None:
-        """Poll each request's ``is_cancelled`` (e.g. Triton's response sender) every check period."""
-        with self._lock:
-            lives = list(self._live.values())
-        for live in lives:
-            if live.req.is_cancelled is not None and not live.cancel_requested:
-                try:
-                    gone = bool(live.req.is_cancelled())
-                except Exception:  # a dead client connection counts as cancelled
-                    gone = True
-                if gone:
-                    self.cancel(live.req.request_id)
-        if not self._stopping:
-            self._loop.call_later(self.settings.triton_config.cancellation_check_period_ms / 1000,
-                                  self._poll_cancelled)
+        """Ask each request's ``is_cancelled`` (e.g. Triton's response sender) on the engine's period."""
+        self.lifecycle.poll_cancelled()
+        if not self._stopping and self._loop is not None:
+            self._loop.call_later(max(self.cfg.cancel_check_ms, 1) / 1000, self._poll_cancelled)

@@ -28,7 +28,7 @@ from ..config import DualARConfig
 from ..dual_ar import DualAR, decode_frame
 from ..fast_ar import FastAR
 from ..layers import apply_rope, rope_table
-from ..sampling import SamplingParams
+from ..request import SamplingParams
 from ..slow_ar import SlowAR
 from .hf_config import ARCHITECTURE, MODEL_TYPE
 from .state import SlotManager
@@ -43,7 +43,7 @@ def request_inputs(prompt: Tensor, params: SamplingParams, noise_key: int) -> di
     """The ``generate_async`` input of one request: no text; token ids, prompt codes, sampling
     parameters and noise key travel as tensors in ``multi_modal_data`` (the only per-request tensor
     channel of the LLM API) and reach the model's forward on the context phase."""
-    sampling = torch.tensor([params.temperature, params.top_p, 1 if params.greedy else params.top_k],
+    sampling = torch.tensor([params.temperature, params.top_p, params.top_k_used],
                             dtype=torch.float32)
     return {"prompt": "", "multi_modal_data": {MM_KEY: {
         "prompt": prompt.to(torch.long).contiguous(), "sampling": sampling,
@@ -97,11 +97,13 @@ class DualARView:
 class DualARStep:
     """The Dual-AR work around the transformer in one engine forward, on packed batches laid out as
     TensorRT-LLM lays them out: context rows (any number of prompt tokens each) first, then
-    generation rows (one token each), then padding rows. Row r reads slot ``row_read[r]``."""
+    generation rows (one token each), then padding rows. Row r reads slot ``row_read[r]``. The fast
+    AR's codebook cache is this step's own (one row per batch row)."""
 
     def __init__(self, view: DualARView, slots: SlotManager, vocab_size: int):
         self.view, self.slots, self.vocab_size = view, slots, vocab_size
         self.audio_ids = view.slow.audio_token_ids()
+        self.fast_cache = view.fast.new_cache(slots.state.max_rows)
 
     @property
     def state(self):
@@ -132,7 +134,7 @@ class DualARStep:
         st = self.state
         read, write = st.row_read[:n_rows], st.row_write[:n_rows]
         frame = decode_frame(self.view, hidden, st.sampling(read), st.frame_idx[read], st.window[read],
-                             self.audio_ids, slice(0, n_rows))
+                             self.audio_ids, self.fast_cache, slice(0, n_rows))
         push = torch.arange(n_rows, device=hidden.device) >= n_context
         st.commit(read, write, frame, push)
         logits = torch.full((n_rows, self.vocab_size), float("-inf"), device=hidden.device)
@@ -297,7 +299,6 @@ def register() -> type:
             w = self.model.embed_tokens.weight
             self.model.init_buffers(w.device)
             self.fast.init_buffers(w.device)
-            self.fast.setup_cache(self.slots.state.max_rows, w.dtype)
             self.step = DualARStep(DualARView(self.model.cfg, self.model, self.fast), self.slots,
                                    self.model_config.pretrained_config.vocab_size)
 

@@ -10,13 +10,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.serving import protocol
-from fish_s2.serving.adapter import check_io, error_response, load_settings
+from fish_s2.serving.adapter import check_io, error_response, load_model_settings
 from fish_s2.serving.runtime import build_codec_decoder, configure_threads
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config, cfg = load_settings(args)
+        model_config, cfg = load_model_settings(args)
         check_io(model_config, protocol.CODEC_INPUTS, protocol.CODEC_OUTPUTS)
         configure_threads(cfg)
         self.decoder = build_codec_decoder(cfg)

@@ -14,25 +14,23 @@ sender (direct calls) and STOP requests (ensembles do not pass cancellation to a
 import threading
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
-from fish_s2.engine import ChunkEvent, EngineRequest, collect
 from fish_s2.prompt import PromptBuilder
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import ChunkEvent, EngineRequest, collect
 from fish_s2.serving import protocol
-from fish_s2.serving.adapter import check_io, error_response, getter, load_settings, output_tensors
+from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.serving.metrics import EngineMetrics
 from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side
-from fish_s2.serving.voices import VoiceRegistry, build_prompt
+from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config, self.cfg = load_settings(args)
+        model_config, self.cfg = load_model_settings(args)
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("dual_ar: config.pbtxt must set model_transaction_policy { decoupled: true }")
         check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
@@ -52,11 +50,11 @@ class TritonPythonModel:
                     self.dispatch.stop(request.request_id())
                     sender.send(flags=FINAL)
                     continue
-                req = EngineRequest(torch.from_numpy(gen.prompt), gen.params, max_frames=gen.max_frames,
+                req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames,
                                     prefix_len=gen.prefix_len, chunk_plan=gen.chunk_plan,
                                     is_cancelled=sender.is_cancelled)
                 self.dispatch.submit(req, request.request_id(), (sender, gen.format_code, gen.start_ns))
-            except Exception as e:  # RequestError -> INVALID_ARG, EngineBusy -> UNAVAILABLE
+            except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal
                 sender.send(error_response(pb_utils, e), flags=FINAL)
         self.metrics.update(self.engine.stats())
         return None
@@ -66,7 +64,7 @@ class TritonPythonModel:
         if isinstance(event, ChunkEvent):
             chunk = event.chunk
             meta = protocol.ChunkMeta(chunk.index, chunk.context, format_code, start_ns)
-            outputs = {"CODES": chunk.codes.numpy().astype(np.int64), "CHUNK_META": meta.pack(),
+            outputs = {"CODES": chunk.codes, "CHUNK_META": meta.pack(),
                        "REQUEST_ID": np.array([stream.request_id.encode()], dtype=np.object_)}
             try:
                 sender.send(pb_utils.InferenceResponse(output_tensors(pb_utils, outputs)))
@@ -76,9 +74,8 @@ class TritonPythonModel:
             return
         response = None
         try:
-            if event.reason == "error":
-                response = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"dual_ar: {event.error}", pb_utils.TritonError.INTERNAL))
+            if event.error is not None:
+                response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)
 
@@ -87,8 +84,8 @@ class TritonPythonModel:
         dual_cfg, tokenizer = load_text_side(self.cfg)
         builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
         for voice in VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks).list():
-            prompt, prefix_len = build_prompt(builder, "", [voice.reference()])
-            warm = EngineRequest(prompt, SamplingParams(), max_frames=1, prefix_len=prefix_len)
+            prompt, prefix_len = builder.request("", [voice.reference()])
+            warm = EngineRequest(prompt, max_frames=1, prefix_len=prefix_len)
             try:
                 collect(self.engine.submit(warm))
             except Exception as e:  # warming is an optimisation; a busy or stopping engine skips it

@@ -13,12 +13,12 @@ import triton_python_backend_utils as pb_utils
 
 from fish_s2.codec import CodecConfig
 from fish_s2.serving import metrics, protocol
-from fish_s2.serving.adapter import check_io, error_response, getter, load_settings, output_tensors
+from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config, cfg = load_settings(args)
+        model_config, cfg = load_model_settings(args)
         check_io(model_config, protocol.POSTPROCESS_INPUTS, protocol.TTS_OUTPUTS)
         codec = CodecConfig.for_checkpoint(cfg.checkpoint)
         self.frame_length, self.sample_rate = codec.frame_length, codec.sample_rate

@@ -12,26 +12,24 @@ import time
 import torch
 import triton_python_backend_utils as pb_utils
 
-from fish_s2.engine import RequestError
 from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.request import InvalidArgument
 from fish_s2.serving import protocol
-from fish_s2.serving.adapter import check_io, error_response, getter, load_settings, output_tensors
+from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
-from fish_s2.serving.voices import VoiceRegistry, build_prompt
+from fish_s2.serving.voices import VoiceRegistry
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config, self.cfg = load_settings(args)
+        model_config, self.cfg = load_model_settings(args)
         check_io(model_config, protocol.TTS_INPUTS, protocol.GENERATE_INPUTS)
         configure_threads(self.cfg)
         dual_cfg, tokenizer = load_text_side(self.cfg)
         self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
         self.voices = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
-        engine = self.cfg.engine
-        self.limits = protocol.Limits(self.cfg.max_text_bytes, engine.max_frames, self.cfg.max_reference_seconds,
-                                      engine.chunk_plan)
+        self.limits = self.cfg.limits()
 
     def execute(self, requests):
         responses = []
@@ -52,8 +50,8 @@ class TritonPythonModel:
             references = [Reference(req.reference.text, torch.from_numpy(codes))]
         else:
             references = []
-        prompt, prefix_len = build_prompt(self.builder, req.text, references)
+        prompt, prefix_len = self.builder.request(req.text, references)
         limit = self.cfg.engine.max_prompt_tokens
         if prompt.shape[1] > limit:
-            raise RequestError(f"text: the prompt (voice and text) is {prompt.shape[1]} tokens, the limit is {limit}")
+            raise InvalidArgument("text", f"the prompt (voice and text) is {prompt.shape[1]} tokens, the limit is {limit}")
         return protocol.generate_tensors(prompt.numpy(), prefix_len, req, start_ns)

@@ -15,16 +15,16 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
-from fish_s2.sampling import SamplingParams
+from fish_s2.request import SamplingParams
 from fish_s2.serving import protocol
-from fish_s2.serving.adapter import check_io, error_response, getter, load_settings
+from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
-from fish_s2.serving.voices import VoiceRegistry, build_prompt
+from fish_s2.serving.voices import VoiceRegistry
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        model_config, self.cfg = load_settings(args)
+        model_config, self.cfg = load_model_settings(args)
         check_io(model_config, protocol.VOICES_INPUTS, protocol.VOICES_OUTPUTS)
         configure_threads(self.cfg)
         dual_cfg, tokenizer = load_text_side(self.cfg)
@@ -57,7 +57,7 @@ class TritonPythonModel:
 
     def _warm(self, voice) -> None:
         """One frame through dual_ar with the voice's prompt: its prefix KV lands in the engine's cache."""
-        prompt, prefix_len = build_prompt(self.builder, "", [voice.reference()])
+        prompt, prefix_len = self.builder.request("", [voice.reference()])
         req = protocol.TTSRequest("", None, None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
         tensors = protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0)
         bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,

@@ -1,0 +1,72 @@
+"""The engine's settings (one typed block of serving.yaml) and the checks that protect its buffers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import DualARConfig
+from ..request import ChunkPlan, EngineRequest, InvalidArgument
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # scheduling and limits
+    max_active: int = 16                 # requests decoded together (= KV slots)
+    max_queued: int = 64                 # waiting for a slot; beyond max_active + max_queued in flight: Busy
+    max_prompt_tokens: int = 2048
+    max_frames: int = 1024               # per request (1024 frames = 47.6 s)
+    chunk_plan: ChunkPlan = ChunkPlan()  # the default plan of a request that names none
+    cancel_check_ms: int = 20            # how often each request's is_cancelled is asked (0: every step)
+    # the torch runner
+    prefix_cache_bytes: int = 256 << 20
+    cuda_graphs: bool = True             # CUDA only
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    min_kv_bucket: int = 256
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_prompt_tokens + self.max_frames
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.max_active + self.max_queued
+
+    def validate(self, model_max_seq_len: int) -> "EngineConfig":
+        for name in ("max_active", "max_queued", "max_prompt_tokens", "max_frames", "min_kv_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.cancel_check_ms < 0 or self.prefix_cache_bytes < 0:
+            raise ValueError("engine.cancel_check_ms and engine.prefix_cache_bytes: must be >= 0")
+        if not self.graph_batch_sizes or min(self.graph_batch_sizes) < 1:
+            raise ValueError("engine.graph_batch_sizes: must be a non-empty list of sizes >= 1")
+        if self.max_seq_len > model_max_seq_len:
+            raise ValueError(f"engine.max_prompt_tokens + engine.max_frames = {self.max_seq_len} exceeds the "
+                             f"model's max_seq_len {model_max_seq_len}")
+        return self
+
+
+def check_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig) -> None:
+    """What every engine checks before it takes a request, to protect its memory: the prompt's shape
+    and values against the model (on a GPU an out-of-range id is a device-side assert that kills the
+    process) and lengths against its buffers. Everything else was validated where the request was built."""
+    rows = model_cfg.frame_rows
+    try:
+        p = np.asarray(req.prompt)
+    except (TypeError, ValueError, RuntimeError):
+        p = None
+    if p is None or p.ndim != 2 or p.shape[0] != rows or p.dtype.kind not in "iu":
+        raise InvalidArgument("prompt", f"expected an integer array [{rows}, T], got "
+                                        f"{getattr(req.prompt, 'dtype', type(req.prompt))} "
+                                        f"{list(getattr(req.prompt, 'shape', []))}")
+    if not 1 <= p.shape[1] <= cfg.max_prompt_tokens:
+        raise InvalidArgument("prompt", f"{p.shape[1]} tokens, the limit is max_prompt_tokens={cfg.max_prompt_tokens}")
+    if p[0].min() < 0 or p[0].max() >= model_cfg.vocab_size:
+        raise InvalidArgument("prompt", f"token ids must be in [0, {model_cfg.vocab_size})")
+    if p[1:].min() < 0 or p[1:].max() >= model_cfg.codebook_size:
+        raise InvalidArgument("prompt", f"codes must be in [0, {model_cfg.codebook_size})")
+    if req.prefix_len >= p.shape[1]:
+        raise InvalidArgument("prefix_len", f"must be in [0, {p.shape[1] - 1}], got {req.prefix_len}")
+    if req.max_frames is not None and req.max_frames > cfg.max_frames:
+        raise InvalidArgument("max_frames", f"must be in [1, {cfg.max_frames}], got {req.max_frames}")

@@ -1,0 +1,64 @@
+"""Cutting a request's frames into code chunks by its :class:`ChunkPlan` (numpy, torch-free).
+
+Every chunk after the first carries up to ``context_frames`` earlier frames as left context: the
+codec is causal, so decoding context + new frames and dropping the context's samples approximates
+the full decode at a cost linear in length, and chunks of different requests batch freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import ChunkPlan
+
+
+@dataclass
+class CodeChunk:
+    index: int
+    codes: np.ndarray    # int64 [num_codebooks, context + n]
+    context: int         # leading frames that are context only (their samples are dropped)
+
+    @property
+    def n_frames(self) -> int:
+        return self.codes.shape[1] - self.context
+
+
+class Chunker:
+    """Groups one request's frames into chunks following a plan."""
+
+    def __init__(self, plan: ChunkPlan):
+        self.plan = plan
+        self.frames: list[np.ndarray] = []   # kept: the last context_frames emitted + pending
+        self.pending = 0
+        self.index = 0
+
+    def _target(self) -> int:
+        return self.plan.first_chunk_frames if self.index == 0 else self.plan.chunk_frames
+
+    def _emit(self) -> CodeChunk:
+        context = min(self.plan.context_frames, len(self.frames) - self.pending)
+        take = self.frames[len(self.frames) - self.pending - context:]
+        chunk = CodeChunk(self.index, np.stack(take, axis=1).astype(np.int64, copy=False), context)
+        self.index += 1
+        self.pending = 0
+        self.frames = self.frames[max(0, len(self.frames) - self.plan.context_frames):]
+        return chunk
+
+    def push(self, codes: np.ndarray) -> CodeChunk | None:
+        """Add one frame's codes [num_codebooks]; return a chunk when one is complete."""
+        self.frames.append(np.asarray(codes))
+        self.pending += 1
+        return self._emit() if self.pending >= self._target() else None
+
+    def flush(self) -> CodeChunk | None:
+        """The last chunk (pending frames, possibly none) at the end of the stream."""
+        return self._emit() if self.pending else None
+
+
+def chunks_to_codes(chunks: list[CodeChunk]) -> np.ndarray:
+    """The frames of a request's chunks, reassembled: codes [num_codebooks, n_frames]."""
+    if not chunks:
+        return np.zeros((0, 0), np.int64)
+    return np.concatenate([c.codes[:, c.context:] for c in chunks], axis=1)

@@ -261,8 +261,10 @@ class PlanSettings:
     reference_seconds: float = 30.0      # longest reference the encoder takes (max_reference_seconds)
 
     def validate(self) -> "PlanSettings":
-        if self.runtime not in ("torch", "trtllm"):
-            raise ValueError(f"runtime: expected torch or trtllm, got {self.runtime!r}")
+        if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
+            raise ValueError(f"device: expected cpu or cuda[:N], got {self.device!r}")
+        if self.runtime not in ("torch", "trtllm") or (self.runtime == "trtllm" and self.device == "cpu"):
+            raise ValueError(f"runtime: expected torch, or trtllm on a cuda device, got {self.runtime!r}")
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
         for name in ("max_active", "max_frames"):
@@ -360,6 +362,7 @@ class MemoryPlan:
     def to_text(self) -> str:
         s = self.settings
         how = {True: "derived from the memory", False: "given"}
+        frames = how["max_frames" in self.derived] if s.max_frames or s.max_active else "default"
         lines = [f"memory plan: {s.device} ({s.runtime} runtime), dtype {self.dtype} ({self.dtype_reason})",
                  f"  {'available':<34}{fmt_bytes(self.available_bytes):>12}"]
         for c in self.components:
@@ -374,7 +377,7 @@ class MemoryPlan:
                   + (f", capped at max_slots {s.max_slots}" if 'max_active' in self.derived
                      and self.max_active == s.max_slots else "")
                   + f"; tokens per slot {self.tokens_per_slot} = max_prompt_tokens {s.max_prompt_tokens} + "
-                  f"max_frames {self.max_frames} ({how['max_frames' in self.derived]})"]
+                  f"max_frames {self.max_frames} ({frames})"]
         return "\n".join(lines)
 
     def to_metrics(self) -> list[tuple[str, dict[str, str], float]]:
@@ -481,8 +484,8 @@ def plan_memory(cfg: DualARConfig, settings: PlanSettings, available_bytes: int,
                           f"{slots} slots x {tokens} tokens x {fmt_bytes(per_token)}"),
                 Component("fast-AR KV", slots * fast_row, f"{slots} slots x {fmt_bytes(fast_row)}"),
                 Component("decode state", slots * state_row, f"{slots} slots x {fmt_bytes(state_row)}"),
-                Component("decode workspace", slots * work_row, f"{slots} rows x {fmt_bytes(work_row)}; on CUDA "
-                          "the graph pool", estimate=True))
+                Component("decode workspace", slots * work_row, f"{slots} rows x {fmt_bytes(work_row)}"
+                          + ("; the CUDA-graph pool" if s.device.startswith("cuda") else ""), estimate=True))
     derived = tuple(n for n, v in (("max_active", s.max_active), ("max_frames", s.max_frames))
                     if v is None and not (n == "max_frames" and s.max_active is None))
     return MemoryPlan(s, dtype, reason, params, available_bytes, slots, max_frames, derived, per_token,

@@ -4,8 +4,10 @@ numbers, and the plan's bytes match what a real engine on the small config alloc
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from fish_s2.engine import Engine, EngineConfig
 from fish_s2.tiny import write_tiny_checkpoint
 
 S2 = DualARConfig.from_dict(S2_PRO_CONFIG_JSON)
+README = Path(__file__).resolve().parents[1] / "README.md"
 MiB = 1 << 20
 
 
@@ -180,6 +183,16 @@ def test_text_and_metrics():
     assert plan.engine_settings()["max_active"] == 64
 
 
+def test_readme_sizing_table_is_what_the_code_computes():
+    rows = re.findall(r"\| `(\w+)` \| ([\d.]+) GiB \| (\d+) \| (\d+)[^|]*\| ([\d.]+) GiB \|",
+                      README.read_text().split("## Sizing")[1].split("\n## ")[0])
+    assert len(rows) == 3
+    for memory, fixed, fit, slots, total in rows:
+        plan = mp.check_fits(mp.plan_memory(S2, mp.PROFILES["gpu"], mp.parse_bytes(memory), bf16_supported=True))
+        assert (mp.fmt_bytes(plan.fixed_bytes), plan.slots_that_fit, plan.max_active, mp.fmt_bytes(plan.total_bytes)) \
+            == (f"{fixed} GiB", int(fit), int(slots), f"{total} GiB")
+
+
 def test_parse_bytes_and_available_memory():
     assert mp.parse_bytes("80GiB") == 80 << 30 and mp.parse_bytes("48GB") == 48 * 10**9
     assert mp.parse_bytes("143771MiB") == 143771 << 20 and mp.parse_bytes("1.5G") == 3 << 29
@@ -198,6 +211,7 @@ def test_plan_command(capsys):
     err = capsys.readouterr().err
     assert "weights 16.99 GiB in float32" in err and "16 slots x 3072 tokens" in err and "KV 13.50 GiB" in err
     assert main(["plan", "--device-memory", "80GiB"]) == 2 and "--preset" in capsys.readouterr().err
+    assert main(["plan", "--preset", "s2-pro", "--device", "cpu"]) == 2 and "runtime" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- plan vs the real engine

@@ -1,4 +1,4 @@
-"""Command line: ``fish-s2 synthesize`` (in-process text to WAV) and ``fish-s2 make-tiny``."""
+"""Command line: ``fish-s2 synthesize`` (in-process text to WAV), ``fish-s2 make-tiny`` and ``fish-s2 plan``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,38 @@ def _make_tiny(args: argparse.Namespace) -> None:
     print(f"wrote {args.preset} checkpoint to {path}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from . import memory_plan as mp
+    from .config import S2_PRO_CONFIG_JSON, DualARConfig
+
+    if (args.checkpoint is None) == (args.preset is None):
+        raise ValueError("give --checkpoint DIR or --preset s2-pro")
+    if args.preset is not None:
+        cfg, params, codec = DualARConfig.from_dict(S2_PRO_CONFIG_JSON), None, mp.S2_PRO_CODEC
+    else:
+        if not (Path(args.checkpoint) / "config.json").is_file():
+            raise ValueError(f"--checkpoint: {args.checkpoint} has no config.json")
+        cfg = DualARConfig.from_json(args.checkpoint)
+        params, codec = mp.checkpoint_params(args.checkpoint), mp.codec_spec(args.checkpoint)
+    prefix = None if args.prefix_cache is None else mp.parse_bytes(args.prefix_cache)
+    s = mp.settings_for(args.profile, device=args.device, runtime=args.runtime, dtype=args.dtype,
+                        kv_memory_fraction=args.kv_fraction, max_active=args.max_active,
+                        max_prompt_tokens=args.max_prompt_tokens, max_frames=args.max_frames,
+                        prefix_cache_bytes=prefix, max_slots=args.max_slots, codec_batch=args.codec_batch)
+    if args.device_memory == "auto":
+        available = mp.available_memory(s.device)
+    else:
+        try:
+            available = mp.parse_bytes(args.device_memory)
+        except ValueError as e:
+            raise ValueError(f"--device-memory: {e}") from None
+    plan = mp.plan_memory(cfg, s, available, params, codec)
+    print(plan.to_text())
+    if s.runtime == "trtllm":
+        print(f"  TensorRT-LLM: {plan.trtllm_kv_cache()}")
+    mp.check_fits(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fish-s2", description="Fish Audio S2-Pro inference tools")
     ap.add_argument("--version", action="version", version=__version__)
@@ -83,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--shards", type=int, default=1, help="write N safetensors shards with an index")
     t.set_defaults(run=_make_tiny)
+
+    p = sub.add_parser("plan", help="the serving memory plan (weights, KV slots, prefix cache, codec) for a machine")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="S2 checkpoint directory (config.json and weight headers are read)")
+    src.add_argument("--preset", choices=["s2-pro"], help="the S2-Pro geometry, without a checkpoint")
+    p.add_argument("--profile", default="gpu", choices=["cpu", "gpu"], help="serving profile (default gpu)")
+    p.add_argument("--device-memory", default="auto",
+                   help="memory available: 80GiB, 48GB, 143771MiB, or auto (free memory of --device now)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: the profile's)")
+    p.add_argument("--runtime", choices=["torch", "trtllm"], help="default: the profile's")
+    p.add_argument("--dtype", help="auto (default), float32, bfloat16 or float16")
+    p.add_argument("--kv-fraction", type=float, help="share of the memory left after the fixed part that the KV "
+                   "may take (default 0.85)")
+    p.add_argument("--max-active", type=int, help="KV slots (default: derived from the memory)")
+    p.add_argument("--max-prompt-tokens", type=int)
+    p.add_argument("--max-frames", type=int, help="default 1024, or derived when --max-active is given")
+    p.add_argument("--prefix-cache", help="voice-prefix cache budget (torch runtime), e.g. 256MiB")
+    p.add_argument("--max-slots", type=int, help="cap on derived slots (default: the profile's)")
+    p.add_argument("--codec-batch", type=int, help="codec decoder batch (default: the profile's)")
+    p.set_defaults(run=_plan)
     return ap
 
 

@@ -370,10 +370,9 @@ DEFINED = {d.name: d for d in metrics.ALL}
 
 
 def max_active(profile: str) -> int:
-    if profile == "gpu":   # runtime trtllm: max_active = max_batch_size of the LLM-API settings
-        return yaml.safe_load((ROOT / "fish_s2/trtllm/llm_api.yaml").read_text())["max_batch_size"]
-    from fish_s2.serving.repository import PROFILES
-    return PROFILES[profile][0]["engine"]["max_active"]
+    """The profile's engine.max_active (for either runtime the one source of the engine's limits)."""
+    from fish_s2.serving.repository import PROFILE_SETTINGS
+    return PROFILE_SETTINGS[profile][0]["engine"]["max_active"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -71,6 +71,30 @@ def test_manifest(real_export):
     assert arts["trtllm/config.json"]["stage"] == "trtllm-checkpoint"
     for rel, info in arts.items():
         assert (out / rel).stat().st_size == info["bytes"]
+    check = m["stages"]["trtllm-checkpoint"]["check"]
+    assert "shard(s)" in check and "equal the source (q/k rows and norms inverse-permuted)" in check
+
+
+def test_conversion_check_is_reported(real_export):
+    _, _, (first, _) = real_export
+    line = next(l for l in first if "trtllm-checkpoint: done in" in l)
+    assert "check: " in line and "reloaded and mapped back equal the source" in line
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_outputs_have_the_checkpoints_permissions(tmp_path, mode):
+    """Every export output (the TensorRT-LLM shards included: safetensors writes 0600) gets the source's
+    mode, so a server running as another user reads them when it can read the checkpoint."""
+    ck = write_tiny_checkpoint(tmp_path / "ckpt", seed=1, shards=2)
+    for p in ck.iterdir():
+        p.chmod(mode)
+    m = stages.run(stages.Options(checkpoint=ck, out=tmp_path / "out", log=lambda line: None),
+                   ("trtllm-checkpoint", "onnx-codec-decoder"))
+    arts = [tmp_path / "out" / rel for rel in m["artifacts"]]
+    assert any(p.suffix == ".safetensors" for p in arts) and any(p.suffix == ".onnx" for p in arts)
+    for p in arts:
+        assert p.stat().st_mode & 0o777 == mode, p
+        assert bool(p.stat().st_mode & 0o044) == bool(mode & 0o044)
 
 
 def test_second_run_skips_everything(real_export):
@@ -119,6 +143,7 @@ def fakes(monkeypatch):
         return out_dir
 
     monkeypatch.setattr("fish_s2.trtllm.convert.convert_checkpoint", convert)
+    monkeypatch.setattr("fish_s2.trtllm.convert.check_conversion", lambda checkpoint_dir, out_dir: "fake check")
     return calls
 
 

@@ -2,6 +2,7 @@
 ``transformers``' Qwen3 model loaded with the converted tensors must reproduce our slow AR."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from fish_s2.layers import apply_rope, rope_table
 from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.tiny import write_tiny_checkpoint
-from fish_s2.trtllm.convert import convert_checkpoint, main, neox_permutation
+from fish_s2.trtllm.convert import check_conversion, convert_checkpoint, main, neox_permutation
 from fish_s2.trtllm.hf_config import ARCHITECTURE, FishS2Config
 from fish_s2.trtllm.model import rope_neox
 
@@ -152,9 +153,32 @@ def test_sharded_streaming_conversion(tmp_path, converted):
     mine, ref = _tensors(out), _tensors(converted)
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
     assert not list(out.glob("*.tmp"))
+    mode = (src / "config.json").stat().st_mode & 0o777   # safetensors writes 0600; the outputs take the source's
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {mode}
     # converting again into the same directory replaces the shards
     convert_checkpoint(src, out)
     assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+
+
+def test_check_conversion_catches_a_wrong_layout(tmp_path, tiny_checkpoint, converted):
+    """The check maps the shards back (q/k inverse-permuted) and compares with the source; upstream
+    (unpermuted) q rows, a changed value or a missing tensor are named."""
+    assert "equal the source" in check_conversion(tiny_checkpoint, converted)
+    out = tmp_path / "copy"
+    shutil.copytree(converted, out)
+    t = load_file(str(out / "model.safetensors"))
+    good = dict(t)
+    inv = torch.argsort(neox_permutation(json.loads((out / "config.json").read_text())["head_dim"]))
+    key = "model.layers.1.self_attn.q_proj.weight"
+    t[key] = t[key].unflatten(0, (-1, inv.numel()))[:, inv].flatten(0, 1).contiguous()
+    t["fast.norm.weight"] = t["fast.norm.weight"] + 1
+    save_file(t, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"differ from the source.*'fast.norm.weight', 'slow.layers.1.attention.wqkv"):
+        check_conversion(tiny_checkpoint, out)
+    del good["model.layers.0.self_attn.k_norm.weight"]
+    save_file(good, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors.*layers.0.self_attn.k_norm.weight"):
+        check_conversion(tiny_checkpoint, out)
 
 
 def test_bad_checkpoints_are_named(tmp_path, tiny_checkpoint):
@@ -176,5 +200,6 @@ def test_bad_checkpoints_are_named(tmp_path, tiny_checkpoint):
 
 def test_cli(tmp_path, tiny_checkpoint, capsys):
     assert main([str(tiny_checkpoint), str(tmp_path / "cli")]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(tmp_path / "cli") and "check: " in captured.err
     assert (tmp_path / "cli" / "model.safetensors").is_file()

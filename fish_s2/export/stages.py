@@ -9,6 +9,8 @@ Output layout under ``--out``::
     manifest.json            artifacts, source checkpoint, sizes later stages need, versions, per-stage records
 
 The manifest is rewritten after every stage, so an interrupted export resumes where it stopped.
+Every stage output gets the permission bits of the checkpoint's ``config.json``: a server that can
+read the checkpoint can read the export (safetensors, for one, writes its files 0600).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -113,13 +117,14 @@ def _onnx_stage(network: str) -> Callable[[Options], Result]:
 
 
 def _trtllm(o: Options) -> Result:
-    from ..trtllm.convert import convert_checkpoint  # written alongside; imported only when this stage runs
+    from ..trtllm import convert  # imported only when this stage runs
 
-    out = Path(convert_checkpoint(o.checkpoint, o.out / "trtllm")).resolve()
+    out = Path(convert.convert_checkpoint(o.checkpoint, o.out / "trtllm")).resolve()
     if out != (o.out / "trtllm").resolve():
         raise RuntimeError(f"convert_checkpoint wrote {out}, expected {o.out / 'trtllm'}")
+    check = convert.check_conversion(o.checkpoint, out)   # reload the shards, compare a sample with the source
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    return Result(files, f"{len(files)} files")
+    return Result(files, f"{len(files)} files; check: {check}", {"check": check})
 
 
 def _trt_plans(o: Options) -> Result:
@@ -277,6 +282,9 @@ def run(o: Options, only: tuple[str, ...] | None = None) -> dict:
             _write(o.out, manifest)
             raise StageError(stage.name, e) from e
         seconds = time.perf_counter() - t0
+        mode = stat.S_IMODE((o.checkpoint / "config.json").stat().st_mode)
+        for p in result.outputs:
+            os.chmod(p, mode)
         outputs = [str(p.relative_to(o.out)) for p in result.outputs]
         records[stage.name] = {"status": "done", "params": params, "outputs": outputs, "seconds": round(seconds, 2),
                                "note": result.note, **result.facts}

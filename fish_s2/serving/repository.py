@@ -55,7 +55,7 @@ PROFILE_SETTINGS = {
     "cpu": ({"device": "cpu", "dtype": "float32", "runtime": "torch", "threads": 1,
              "engine": {"max_active": 16, "max_queued": 64}}, TritonModelSettings()),
     "gpu": ({"device": "cuda", "dtype": "bfloat16", "runtime": "trtllm",
-             "engine": {"max_active": 32, "max_queued": 128}},
+             "engine": {"max_active": 64, "max_queued": 128}},
             TritonModelSettings(preprocess_instances=2, postprocess_instances=2, codec_max_batch=32,
                            codec_queue_delay_us=1000)),
 }

@@ -12,14 +12,20 @@ the q_norm/k_norm weights with the same permutation, so every attention score is
 rotation with the same (bf16-rounded) cos/sin reproduces the upstream model.
 
 Tensors are streamed: one input tensor is read (memory-mapped) at a time and output shards are
-flushed at ``max_shard_bytes``, so the real 9 GB checkpoint never has two copies in memory.
+flushed at ``max_shard_bytes``, so the real 9 GB checkpoint never has two copies in memory. Every
+output file gets the permission bits of the source's ``config.json`` (safetensors writes 0600), so
+a server that can read the checkpoint can read the conversion. :func:`check_conversion` reloads the
+written shards: every expected tensor with its shape, and a sample (the non-layer tensors and the
+first, middle and last layers) mapped back to the upstream layout must equal the source bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import load_config, module_key, scan_checkpoint
+from ..checkpoint import check_coverage, load_config, module_key, scan_checkpoint, weight_files
 from ..config import DualARConfig
 from .hf_config import FishS2Config
 
@@ -53,6 +59,24 @@ def _permute_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Permute the rows of each head of a q or k projection (weight [H*D, in] or bias [H*D]) or a norm [D]."""
     perm = neox_permutation(head_dim)
     return t.unflatten(0, (-1, head_dim))[:, perm].flatten(0, 1).contiguous()
+
+
+def _unpermute_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    inverse = torch.argsort(neox_permutation(head_dim))
+    return t.unflatten(0, (-1, head_dim))[:, inverse].flatten(0, 1)
+
+
+def restore_tensor(name: str, parts: list[torch.Tensor], cfg: DualARConfig) -> torch.Tensor:
+    """Inverse of :func:`convert_tensor`: the upstream tensor ``name`` from its converted ``parts`` (in the
+    order convert_tensor yields them)."""
+    D = cfg.slow.head_dim
+    if name.startswith("slow.layers.") and ".attention.wqkv." in name:
+        q, k, v = parts
+        return torch.cat([_unpermute_heads(q, D), _unpermute_heads(k, D), v])
+    if name.startswith("slow.layers.") and name.endswith(("q_norm.weight", "k_norm.weight")):
+        return _unpermute_heads(parts[0], D)
+    (t,) = parts
+    return t
 
 
 def convert_tensor(name: str, t: torch.Tensor, cfg: DualARConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -147,13 +171,67 @@ def convert_checkpoint(checkpoint_dir: Path, out_dir: Path, max_shard_bytes: int
             for key in sorted(f.keys()):
                 for name, t in convert_tensor(module_key(key), f.get_tensor(key), cfg):
                     writer.add(name, t)
-    writer.finish()
+    names = writer.finish()
 
     (out_dir / "config.json").write_text(json.dumps(hf_cfg.to_json_dict(), indent=2, sort_keys=True))
     for name in TOKENIZER_FILES:
         if (checkpoint_dir / name).is_file():
             shutil.copyfile(checkpoint_dir / name, out_dir / name)
+    mode = stat.S_IMODE((checkpoint_dir / "config.json").stat().st_mode)
+    for name in [*names, "config.json", "model.safetensors.index.json", *TOKENIZER_FILES]:
+        if (out_dir / name).is_file():
+            os.chmod(out_dir / name, mode)
     return out_dir
+
+
+def _sampled(name: str, cfg: DualARConfig) -> bool:
+    """Non-layer tensors, and those of the first, middle and last layer of each transformer."""
+    prefix, _, rest = name.partition(".layers.")
+    if not rest:
+        return True
+    n = (cfg.slow if prefix == "slow" else cfg.fast).n_layer
+    return int(rest.split(".", 1)[0]) in (0, n // 2, n - 1)
+
+
+def check_conversion(checkpoint_dir: Path, out_dir: Path) -> str:
+    """Reload a converted directory: every expected tensor with its shape (headers), and a sample mapped
+    back to the upstream layout (:func:`restore_tensor`) equal to the source. Raises ValueError naming
+    what differs; returns a one-line summary."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    cfg, _ = load_config(checkpoint_dir)
+    outputs: dict[str, Path] = {}
+    found = {}
+    out_files = weight_files(out_dir)
+    for path in out_files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                outputs[key], found[key] = path, tuple(f.get_slice(key).get_shape())
+    expected, sample, n_source = {}, [], 0
+    for path in scan_checkpoint(checkpoint_dir, cfg):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name, n_source = module_key(key), n_source + 1
+                meta = torch.empty(f.get_slice(key).get_shape(), device="meta")
+                parts = {out: tuple(t.shape) for out, t in convert_tensor(name, meta, cfg)}
+                expected.update(parts)
+                if _sampled(name, cfg):
+                    sample.append((path, key, name, list(parts)))
+    check_coverage(expected, found, f"{out_dir} (converted)")
+    differ = []
+    for path, key, name, parts in sample:
+        with safe_open(str(path), framework="pt") as f:
+            source = f.get_tensor(key)
+        loaded = []
+        for part in parts:
+            with safe_open(str(outputs[part]), framework="pt") as f:
+                loaded.append(f.get_tensor(part))
+        restored = restore_tensor(name, loaded, cfg)
+        if restored.dtype != source.dtype or not torch.equal(restored, source):
+            differ.append(name)
+    if differ:
+        raise ValueError(f"{out_dir}: converted tensors differ from the source after mapping back: {differ}")
+    return (f"{len(found)} tensors in {len(out_files)} shard(s); {len(sample)} of {n_source} reloaded and mapped "
+            "back equal the source (q/k rows and norms inverse-permuted)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,10 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = convert_checkpoint(args.checkpoint_dir, args.out_dir, int(args.max_shard_gib * (1 << 30)))
+        check = check_conversion(args.checkpoint_dir, out)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)
+    print(f"check: {check}", file=sys.stderr)
     return 0
 
 

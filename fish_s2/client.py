@@ -4,8 +4,8 @@ Requests go over Triton's gRPC stream (``tritonclient.grpc``'s generated service
 stream per synthesis, so any number of them share a channel). Responses carry one audio chunk each,
 possibly out of order; :class:`ChunkReorderer` hands them on in index order as soon as the next one
 is there. The stream ends with Triton's final response. A stream abandoned early (the consumer
-stops iterating, an error) is ended with a STOP request of the same request id to ``dual_ar``, so the
-engine frees the slot (an ensemble does not pass a client's cancellation on to a running step).
+stops iterating, an error) is cancelled: the server's ``tts`` model sees it and frees the engine slot
+(as it does for any client that cancels or disconnects).
 Errors are the request layer's types (:mod:`fish_s2.request.errors`): InvalidArgument (naming the
 field), NotFound, AlreadyExists, Busy (retry soon), Unavailable (retry elsewhere), Cancelled, Internal.
 Torch-free: ``pip install fish_s2[client]`` is enough.
@@ -139,7 +139,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def _infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str,
                    stream: bool) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    specs = {s.name: s for s in (*protocol.TTS_INPUTS, *protocol.VOICES_INPUTS, *protocol.DUAL_AR_INPUTS)}
+    specs = {s.name: s for s in (*protocol.TTS_INPUTS, *protocol.VOICES_INPUTS)}
     for name, array in arrays.items():
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = name, specs[name].wire_type
@@ -177,29 +177,15 @@ def _voices(response: service_pb2.ModelInferResponse) -> list[dict]:
     return [json.loads(v) for v in InferResult(response).as_numpy("VOICES")]
 
 
-def _stop_request(request_id: str) -> service_pb2.ModelInferRequest:
-    return _infer_request(protocol.DUAL_AR, {"STOP": np.array([True])}, request_id, stream=True)
+# A stream sends its one request and keeps its write side open until the request is over (Triton
+# 2.51's gRPC stream handler can keep a model referenced when a stream is half-closed before an error
+# response arrives), then half-closes and reads to the end of the call. A stream abandoned before its
+# final response is cancelled; so is an end that takes longer than ``drain_timeout_s``.
 
-
-def _is_final(response: service_pb2.ModelStreamInferResponse) -> bool:
-    return bool(response.error_message) or response.infer_response.parameters["triton_final_response"].bool_param
-
-
-# Triton 2.51's gRPC stream handler can keep a model referenced for good (the server then cannot
-# stop cleanly) when a stream is cancelled, or half-closed before an error response arrives. So a
-# stream is never cancelled and never half-closed early: it sends its one request, keeps its write
-# side open until the request is over (a stream abandoned early is ended with a STOP to dual_ar and
-# read to its final response), then half-closes and reads to the end of the call. Only an end that
-# takes longer than ``drain_timeout_s`` cancels the call.
-
-def _end(call, done: threading.Event, timeout_s: float, wait_final: bool) -> None:
+def _end(call, done: threading.Event, timeout_s: float) -> None:
     timer = threading.Timer(timeout_s, call.cancel)
     timer.start()
     try:
-        if wait_final:
-            for response in call:
-                if _is_final(response):
-                    break
         done.set()
         for _ in call:
             pass
@@ -210,12 +196,8 @@ def _end(call, done: threading.Event, timeout_s: float, wait_final: bool) -> Non
         timer.cancel()
 
 
-async def _aend(call, done: asyncio.Event, timeout_s: float, wait_final: bool) -> None:
+async def _aend(call, done: asyncio.Event, timeout_s: float) -> None:
     async def end():
-        if wait_final:
-            async for response in call:
-                if _is_final(response):
-                    break
         done.set()
         async for _ in call:
             pass
@@ -276,24 +258,17 @@ class TTSClient:
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
         finally:
-            if not finished:   # also after an error: one downstream of dual_ar leaves the engine running
-                self.cancel(request_id)
-            _end(call, done, self.drain_timeout_s, wait_final=not (finished or refused))
+            if finished or refused:
+                _end(call, done, self.drain_timeout_s)
+            else:                # abandoned: the server's tts model stops the engine request
+                call.cancel()
+                done.set()
 
     def synthesize(self, text: str, **fields) -> Synthesis:
         collector = _Collector()
         for chunk in self.stream(text, **fields):
             collector.add(chunk)
         return collector.result(fields.get("sample_format"))
-
-    def cancel(self, request_id: str) -> None:
-        """Stop every engine request started by Triton request id ``request_id`` (best effort)."""
-        done = threading.Event()
-        try:
-            call = self._stub.ModelStreamInfer(_send_then_wait(_stop_request(request_id), done), timeout=30)
-        except grpc.RpcError:
-            return
-        _end(call, done, self.drain_timeout_s, wait_final=True)
 
     def _voices_call(self, action: str, **fields) -> list[dict]:
         req = _infer_request(protocol.VOICES, protocol.voice_inputs(action, **fields), uuid.uuid4().hex, False)
@@ -358,20 +333,17 @@ class AsyncTTSClient:
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
         finally:
-            if not finished:
-                await self.cancel(request_id)
-            await _aend(call, done, self.drain_timeout_s, wait_final=not (finished or refused))
+            if finished or refused:
+                await _aend(call, done, self.drain_timeout_s)
+            else:
+                call.cancel()
+                done.set()
 
     async def synthesize(self, text: str, **fields) -> Synthesis:
         collector = _Collector()
         async for chunk in self.stream(text, **fields):
             collector.add(chunk)
         return collector.result(fields.get("sample_format"))
-
-    async def cancel(self, request_id: str) -> None:
-        done = asyncio.Event()
-        call = self._stub.ModelStreamInfer(_asend_then_wait(_stop_request(request_id), done), timeout=30)
-        await _aend(call, done, self.drain_timeout_s, wait_final=True)
 
     async def close(self) -> None:
         await self._channel.close()

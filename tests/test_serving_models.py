@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -15,7 +16,8 @@ from tritonclient.grpc import model_config_pb2
 
 from fish_s2.checkpoint import load_config
 from fish_s2.engine import EngineConfig, check_request
-from fish_s2.request import Busy, ChunkEvent, EngineRequest, Finished, Internal, InvalidArgument, Lifecycle, from_wire
+from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, Internal, InvalidArgument, Lifecycle,
+                             Unavailable, from_wire, new_request_id)
 from fish_s2.serving import metrics
 from fish_s2.serving import protocol as p
 from fish_s2.serving.dispatch import Dispatcher
@@ -161,7 +163,7 @@ class FakeEngine:
     def stop(self):
         self.stopped = True
         self.lifecycle.close()
-        self.lifecycle.finish_all("cancelled")
+        self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down"))
 
 
 # ------------------------------------------------------------------ loading a model.py the way Triton does
@@ -173,8 +175,8 @@ def repo(tiny_checkpoint, tmp_path_factory):
     return out / "repo"
 
 
-def _load(monkeypatch, repo, model, **patches):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+def _load(monkeypatch, repo, model, pb=None, **patches):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb or _fake_pb_utils())
     spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATES / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -188,9 +190,10 @@ def _load(monkeypatch, repo, model, **patches):
     return instance
 
 
-def _generate_inputs(fmt="int16", start_ns=42, rows=11):
+def _generate_inputs(fmt="int16", start_ns=42, rows=11, request_id=None):
     req = p.TTSRequest("x", None, None, p.SamplingParams(seed=3), 20, p.ChunkPlan(2, 3, 1), fmt)
-    return p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns)
+    return {**p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns),
+            "REQUEST_ID": np.array([(request_id or new_request_id()).encode()], dtype=object)}
 
 
 def _chunk(request_id, index, frames=3, context=1):
@@ -245,15 +248,24 @@ def test_dual_ar_bad_and_busy_requests_get_one_error_final(dual_ar, monkeypatch)
     assert model.dispatch.live() == 0
 
 
-def test_stop_cancels_the_requests_of_one_triton_id(dual_ar):
+def test_stop_ends_only_the_request_with_that_server_issued_id(dual_ar):
     model, engine = dual_ar
-    mine, other = Request(_generate_inputs(), "abc"), Request(_generate_inputs(), "xyz")
+    mine_id = new_request_id()
+    mine, other = Request(_generate_inputs(request_id=mine_id), "same"), Request(_generate_inputs(), "same")
     model.execute([mine, other])
-    stop = Request({"STOP": np.array([True])}, "abc")
+    for bad in ({"STOP": np.array([True])}, {"STOP": np.array([True]), "REQUEST_ID": np.array([b"same"], object)}):
+        refused = Request(bad, "same")                       # the client's own Triton id means nothing
+        model.execute([refused])
+        assert refused.sender.finals[0].error.message().startswith("request_id:")
+    stranger = Request(p.stop_tensors(new_request_id()))    # an id nobody holds: nothing happens
+    model.execute([stranger])
+    assert stranger.sender.finals == [None] and not mine.sender.done.is_set()
+    stop = Request(p.stop_tensors(mine_id))
     model.execute([stop])
     assert stop.sender.finals == [None] and mine.sender.done.wait(5)
-    assert mine.sender.finals == [None] and not other.sender.done.is_set()
-    assert len(engine.cancelled) == 1
+    (final,) = mine.sender.finals                            # a stopped stream never ends like a complete one
+    assert final.error.code == TritonError.CANCELLED and not other.sender.done.is_set()
+    assert engine.cancelled == [mine_id]
 
 
 def test_engine_error_and_broken_client(dual_ar):
@@ -266,7 +278,8 @@ def test_engine_error_and_broken_client(dual_ar):
     error = failing.sender.finals[0].error
     assert error.code == TritonError.INTERNAL and "boom" in error.message()
     engine.emit(rid_broken, _chunk(rid_broken, 0))          # the send fails: the engine is told to cancel
-    assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken] and broken.sender.finals == [None]
+    assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken]
+    assert broken.sender.finals[0].error.code == TritonError.CANCELLED
 
 
 def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
@@ -276,7 +289,7 @@ def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
     assert MetricFamily.created[metrics.ACTIVE.name].value == 3
     assert MetricFamily.created[metrics.PREFIX_HITS.name].value == 2
     model.finalize()
-    assert engine.stopped and all(r.sender.finals == [None] for r in pending)
+    assert engine.stopped and all(r.sender.finals[0].error.code == TritonError.UNAVAILABLE for r in pending)
 
 
 def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
@@ -284,12 +297,12 @@ def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
     dispatch = Dispatcher(engine, lambda stream, event: None)
     prompt = np.ones((11, 9), np.int64)
     for _ in range(2):
-        dispatch.submit(EngineRequest(prompt), "full", None)
+        dispatch.submit(EngineRequest(prompt), None)
     with pytest.raises(Busy):
-        dispatch.submit(EngineRequest(prompt), "c", None)
+        dispatch.submit(EngineRequest(prompt), None)
     with pytest.raises(InvalidArgument, match="^prompt:"):      # the engine's real check
-        dispatch.submit(EngineRequest(prompt[:5]), "c", None)
-    assert dispatch.live() == 2 and dispatch.stop("c") == 0
+        dispatch.submit(EngineRequest(prompt[:5]), None)
+    assert dispatch.live() == 2
     engine.stop()
     dispatch.close()
     assert dispatch.live() == 0
@@ -299,7 +312,7 @@ def test_postprocess_trims_context_and_formats(monkeypatch, repo):
     model = _load(monkeypatch, repo, "postprocess")
     fl = model.frame_length
     decoded = np.linspace(-1.5, 1.5, 5 * fl, dtype=np.float32)
-    rid = np.array([b"r1"], dtype=object)
+    rid = np.array([new_request_id().encode()], dtype=object)
     reqs = [Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(0, 2, 1, 0).pack(), "REQUEST_ID": rid}),
             Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(1, 2, 0, 0).pack(), "REQUEST_ID": rid})]
     first, second = model.execute(reqs)
@@ -329,3 +342,104 @@ def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
     for i in (0, 1, 2):
         assert np.array_equal(out[i].outputs["AUDIO"], np.full((1, 4 * codes[i].shape[2]), i, np.float32))
     assert out[3].error.code == TritonError.INTERNAL and "bad chunk" in out[3].error.message()
+
+
+# ------------------------------------------------------------------ tts: the relay through tts_pipeline
+
+class PipelineResponse:
+    def __init__(self, tensors=(), error=None):
+        self._tensors, self._error = list(tensors), error
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+    def output_tensors(self):
+        return self._tensors
+
+
+class FakeBLS:
+    """Stands in for Triton's BLS calls from tts: tts_pipeline streams a chunk every few ms until dual_ar
+    gets a STOP for the request's id, then ends with dual_ar's CANCELLED error (as the real pipeline)."""
+
+    def __init__(self, chunks=200, error=None):
+        self.chunks, self.error = chunks, error
+        self.calls, self.stops, self.yielded_after_stop = [], [], 0
+        self.drained = threading.Event()
+
+    def request_class(self):
+        bls = self
+
+        class InferenceRequest:
+            def __init__(self, model_name, inputs, requested_output_names):
+                self.model, self.inputs = model_name, {t.name(): t.as_numpy() for t in inputs}
+
+            def exec(self, decoupled=False):
+                bls.calls.append((self.model, self.inputs))
+                if self.model == p.DUAL_AR:
+                    bls.stops.append(p.parse_generate_request(lambda n: self.inputs.get(n)).request_id)
+                    return iter([PipelineResponse()])
+                return bls.stream(self.inputs["REQUEST_ID"][0].decode())
+
+        return InferenceRequest
+
+    def stream(self, request_id):
+        try:
+            if self.error is not None:
+                yield PipelineResponse(error=self.error)
+                return
+            for i in range(self.chunks):
+                time.sleep(0.005)
+                if request_id in self.stops:
+                    yield PipelineResponse(error=TritonError("stopped [fish-s2:CANCELLED]", TritonError.CANCELLED))
+                    return
+                yield PipelineResponse([Tensor("CHUNK_INDEX", np.array([i], np.int32))])
+            yield PipelineResponse()                                   # the flag-only final response
+        finally:
+            self.drained.set()
+
+
+def _tts(monkeypatch, repo, bls):
+    pb = _fake_pb_utils()
+    pb.InferenceRequest = bls.request_class()
+    return _load(monkeypatch, repo, "tts", pb=pb)
+
+
+def test_tts_relays_and_stops_the_engine_request_of_a_client_that_is_gone(monkeypatch, repo):
+    bls = FakeBLS()
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        request = Request(p.tts_inputs("Hello."))
+        assert model.execute([request]) is None                          # hands off at once
+        deadline = time.monotonic() + 5
+        while len(request.sender.responses) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        request.sender.cancelled = True                                  # the client disconnects
+        assert request.sender.done.wait(5) and bls.drained.wait(5)
+        (pipeline, inputs), = [c for c in bls.calls if c[0] == p.TTS_PIPELINE]
+        issued = inputs["REQUEST_ID"][0].decode()
+        assert p.REQUEST_ID.fullmatch(issued) and bls.stops == [issued]  # the server-issued id, stopped once
+        assert request.sender.finals == [None] and len(request.sender.responses) < bls.chunks
+        assert model.relay.live() == 0
+    finally:
+        model.finalize()
+
+
+def test_tts_refuses_a_missing_text_at_once_and_forwards_pipeline_errors(monkeypatch, repo):
+    bls = FakeBLS(error=TritonError("in ensemble 'tts_pipeline', voice_id: unknown voice 'x' [fish-s2:NOT_FOUND]",
+                                    TritonError.NOT_FOUND))
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        missing = Request({k: v for k, v in p.tts_inputs("x", seed=1).items() if k != "TEXT"})
+        failing = Request(p.tts_inputs("Hello.", voice_id="x"))
+        model.execute([missing, failing])
+        (final,) = missing.sender.finals
+        assert final.error.code == TritonError.INVALID_ARG and final.error.message().startswith("text: required")
+        assert failing.sender.done.wait(5)
+        (final,) = failing.sender.finals
+        assert final.error.code == TritonError.NOT_FOUND and from_wire(final.error.message()).field == "voice_id"
+        assert [c[0] for c in bls.calls] == [p.TTS_PIPELINE] and not failing.sender.responses
+    finally:
+        model.finalize()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chunks import Chunker
-from .errors import Busy, InvalidArgument, RequestError, Unavailable
+from .errors import Busy, Cancelled, InvalidArgument, RequestError, Unavailable
 from .events import ChunkEvent, Event, Finished, RequestHandle
 from .params import ChunkPlan, EngineRequest
 
@@ -144,7 +144,10 @@ class Lifecycle:
 
     def finish(self, live: Live, reason: str, error: RequestError | None = None) -> bool:
         """End a request (once: False if it had ended already). "stop" and "length" send the pending
-        frames as a last chunk first."""
+        frames as a last chunk first; "cancelled" carries a Cancelled error unless given another one
+        (a stopped stream must never look complete)."""
+        if reason == "cancelled" and error is None:
+            error = Cancelled("the request was stopped before it ended")
         with live.lock:
             if live.done:
                 return False

@@ -42,6 +42,8 @@ class ServingConfig:
     codec_encoder_onnx: str | None = None    # reference encoding with ONNX Runtime; None: torch codec
     threads: int = 0                         # intra-op threads of each model process; 0: library default
     max_text_bytes: int = 4096
+    allow_control_tokens: bool = False       # True: control-token strings in request text act as control tokens
+                                             # (trusted callers only); False: they are plain text
     max_reference_seconds: float = 30.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 

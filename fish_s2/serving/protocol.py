@@ -23,12 +23,13 @@ import numpy as np
 from ..request import ChunkPlan, InvalidArgument, Limits, SamplingParams
 from ..request.params import integer
 
-TTS, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
-    "tts", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
+TTS, TTS_PIPELINE, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
+    "tts", "tts_pipeline", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
 
 SAMPLE_FORMATS = ("float32", "int16")    # index = the code carried in CHUNK_META
 VOICE_ACTIONS = ("register", "list", "delete")
 VOICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")     # server-issued (fish_s2.request.new_request_id), unguessable
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 
 
@@ -82,6 +83,9 @@ TTS_OUTPUTS = (                       # = postprocess outputs; one response per 
     _s("REQUEST_ID", np.object_),             # server-generated
 )
 
+# ---------------------------------------------------------------- tts_pipeline (ensemble) = what tts relays
+PIPELINE_INPUTS = TTS_INPUTS + (_s("REQUEST_ID", np.object_),)   # issued by tts; dual_ar's engine request id
+
 # ---------------------------------------------------------------- preprocess -> dual_ar
 GENERATE_INPUTS = (
     _s("PROMPT", np.int64, ("rows", -1), optional=True),
@@ -95,10 +99,10 @@ GENERATE_INPUTS = (
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
 )
-# dual_ar inputs: a generation (all GENERATE_INPUTS) or a stop (STOP alone): the stop aborts every
-# running request of the same Triton request id (ensembles do not pass a client's cancellation on
-# to a running step, so the client sends this when it abandons a stream).
-DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("STOP", np.bool_, optional=True),)
+# dual_ar inputs: a generation (all GENERATE_INPUTS and REQUEST_ID) or a stop (STOP and REQUEST_ID):
+# the stop ends the running request with that server-issued id (tts sends it when its client is gone:
+# ensembles do not pass a client's cancellation on to a running step).
+DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("REQUEST_ID", np.object_, optional=True), _s("STOP", np.bool_, optional=True))
 DUAL_AR_OUTPUTS = (
     _s("CODES", np.int64, ("codebooks", -1)),             # [codebooks, context + new frames]
     _s("CHUNK_META", np.int64, (4,)),                     # see ChunkMeta
@@ -138,8 +142,15 @@ class ChunkMeta:
         return np.array([self.index, self.context_frames, self.format_code, self.start_ns], dtype=np.int64)
 
     @classmethod
-    def unpack(cls, a: np.ndarray) -> "ChunkMeta":
-        index, context, fmt, start = (int(v) for v in np.asarray(a).reshape(-1)[:4])
+    def unpack(cls, a: np.ndarray | None) -> "ChunkMeta":
+        values = None if a is None else np.asarray(a).reshape(-1)
+        if values is None or values.size != 4 or values.dtype.kind not in "iu":
+            raise InvalidArgument("chunk_meta", f"expected 4 integers [index, context frames, format code, start ns], "
+                                                f"got {None if a is None else f'{values.dtype} {list(np.shape(a))}'}")
+        index, context, fmt, start = (int(v) for v in values)
+        integer("chunk_meta", index, 0, 1 << 31)
+        integer("chunk_meta", context, 0, 1 << 16)
+        integer("chunk_meta", fmt, 0, len(SAMPLE_FORMATS) - 1)
         return cls(index, context, fmt, start)
 
 
@@ -170,6 +181,42 @@ def _one(get: Getter, spec: TensorSpec, required: bool = False):
         except UnicodeDecodeError:
             raise InvalidArgument(field, "not valid UTF-8") from None
     return float(v) if np.dtype(spec.dtype).kind == "f" else int(v)
+
+
+def check_required(get: Getter, specs: tuple[TensorSpec, ...]) -> None:
+    """Every required input is present (InvalidArgument naming the first one missing)."""
+    for spec in specs:
+        if not spec.optional and get(spec.name) is None:
+            raise InvalidArgument(spec.name.lower(), "required")
+
+
+def check_request_id(request_id: str | None) -> str:
+    if request_id is None or not REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument("request_id", "required: the server-issued id of the request (32 hex digits)")
+    return request_id
+
+
+def check_chunk_codes(codes: np.ndarray | None) -> np.ndarray:
+    """A code chunk for the codec: integer [1, codebooks, frames >= 1] (out-of-range codes are clamped
+    by the codec itself)."""
+    if codes is None or codes.ndim != 3 or codes.shape[0] != 1 or codes.shape[2] < 1 or codes.dtype.kind not in "iu":
+        raise InvalidArgument("codes", f"expected an integer tensor [1, codebooks, frames >= 1], got "
+                                       f"{None if codes is None else f'{codes.dtype} {list(codes.shape)}'}")
+    return codes
+
+
+def check_decoded(decoded: np.ndarray | None, meta: ChunkMeta, frame_length: int) -> np.ndarray:
+    """The new samples of a decoded chunk (its context's samples dropped)."""
+    context = meta.context_frames * frame_length
+    if decoded is None or decoded.dtype.kind != "f" or decoded.size <= context or decoded.size % frame_length:
+        raise InvalidArgument("decoded", f"expected float samples of whole frames beyond {meta.context_frames} context "
+                                         f"frames, got {None if decoded is None else f'{decoded.dtype} {list(decoded.shape)}'}")
+    return decoded.reshape(-1)[context:]
+
+
+def one_string(get: Getter, name: str) -> str | None:
+    """A scalar BYTES input as text (None when absent)."""
+    return _one(get, TensorSpec(name, np.object_, (1,), optional=True))
 
 
 def check_voice_id(voice_id: str) -> str:
@@ -281,10 +328,18 @@ def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceReque
 
 
 @dataclass(frozen=True)
+class StopRequest:
+    """End the running request with this server-issued id."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """What dual_ar receives from preprocess: a complete generation request (the prompt's values are
     the engine's to check against its model and buffers)."""
 
+    request_id: str
     prompt: np.ndarray          # int64 [rows, T]
     prefix_len: int
     params: SamplingParams
@@ -307,14 +362,15 @@ def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start
             "START_NS": np.array([start_ns], np.int64)}
 
 
-def parse_generate_request(get: Getter) -> GenerateRequest | None:
-    """A dual_ar request: None for a stop request (STOP alone), else every generation input is required."""
+def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
+    """A dual_ar request: a stop (STOP and REQUEST_ID alone), else every generation input is required."""
     specs = {s.name: s for s in DUAL_AR_INPUTS}
+    request_id = check_request_id(_one(get, specs["REQUEST_ID"]))
     present = [s.name for s in GENERATE_INPUTS if get(s.name) is not None]
     if _one(get, specs["STOP"]):
         if present:
-            raise InvalidArgument("stop", f"a stop request carries no other inputs, got {present}")
-        return None
+            raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
+        return StopRequest(request_id)
     prompt = get("PROMPT")
     if prompt is None:
         raise InvalidArgument("prompt", "required")
@@ -322,18 +378,24 @@ def parse_generate_request(get: Getter) -> GenerateRequest | None:
         raise InvalidArgument("prompt", f"expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
     scalars = {s.name: _one(get, s, required=True) for s in GENERATE_INPUTS if s.dims == (1,)}
     plan = get("CHUNK_PLAN")
-    if plan is None or plan.size != 3:
-        raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} values [first_chunk_frames, "
+    if plan is None or plan.size != 3 or plan.dtype.kind not in "iu":
+        raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} integers [first_chunk_frames, "
                                             f"chunk_frames, context_frames], got "
                                             f"{None if plan is None else list(plan.shape)}")
     integer("format_code", scalars["FORMAT_CODE"], 0, len(SAMPLE_FORMATS) - 1)
     return GenerateRequest(
-        prompt=prompt.astype(np.int64), prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
+        request_id=request_id, prompt=prompt.astype(np.int64),
+        prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
         params=SamplingParams(temperature=scalars["TEMPERATURE"], top_p=scalars["TOP_P"], top_k=scalars["TOP_K"],
                               seed=scalars["SEED"]),
         max_frames=integer("max_frames", scalars["MAX_FRAMES"], 1, 1 << 31),
         chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
         format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
+
+
+def stop_tensors(request_id: str) -> dict[str, np.ndarray]:
+    """The dual_ar inputs that stop the request with this server-issued id."""
+    return {"STOP": np.array([True]), "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
 
 
 # ---------------------------------------------------------------- building requests (client side)

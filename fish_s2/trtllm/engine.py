@@ -144,7 +144,7 @@ class TrtllmEngine:
             if not self._thread.is_alive():
                 self._loop.close()
             self._loop = self._thread = None
-        self.lifecycle.finish_all("cancelled")
+        self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down; retry on another server"))
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None

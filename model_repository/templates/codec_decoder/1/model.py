@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.serving import protocol
-from fish_s2.serving.adapter import check_io, error_response, load_model_settings
+from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
 from fish_s2.serving.runtime import build_codec_decoder, configure_threads
 
 
@@ -22,11 +22,15 @@ class TritonPythonModel:
         self.decoder = build_codec_decoder(cfg)
 
     def execute(self, requests):
-        codes = [pb_utils.get_input_tensor_by_name(r, "CODES").as_numpy() for r in requests]  # [1, nc, F] each
         responses = [None] * len(requests)
         by_shape = {}
-        for i, c in enumerate(codes):
-            by_shape.setdefault(c.shape, []).append(i)
+        codes = {}
+        for i, r in enumerate(requests):
+            try:
+                codes[i] = protocol.check_chunk_codes(getter(pb_utils, r)("CODES"))   # [1, nc, F]
+                by_shape.setdefault(codes[i].shape, []).append(i)
+            except Exception as e:
+                responses[i] = error_response(pb_utils, e)
         for idx in by_shape.values():
             try:
                 audio = self.decoder.decode(np.concatenate([codes[i] for i in idx]))

@@ -1,14 +1,15 @@
 """dual_ar: hosts one batched Dual-AR engine for every concurrent request (decoupled).
 
 Inputs: a generation request from preprocess (PROMPT [rows, T], PREFIX_LEN, TEMPERATURE, TOP_P,
-TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS), or STOP alone, which cancels every
-running request of the same Triton request id. Outputs, one response per code chunk: CODES
-[codebooks, context + n], CHUNK_META (index, context frames, format code, start ns), REQUEST_ID
-(server-generated). Every request ends with exactly one FINAL response (empty, or carrying the error).
+TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS) with REQUEST_ID (the server-issued id
+from tts, the engine's request id), or STOP with REQUEST_ID, which stops that running request.
+Outputs, one response per code chunk: CODES [codebooks, context + n], CHUNK_META (index, context
+frames, format code, start ns), REQUEST_ID. Every request ends with exactly one FINAL response:
+empty at the end of speech or the frame limit, else carrying its typed error (CANCELLED when stopped).
 
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
-sender (direct calls) and STOP requests (ensembles do not pass cancellation to a running step).
+sender (direct calls), and STOP requests from tts (ensembles do not pass cancellation to a running step).
 """
 
 import threading
@@ -46,14 +47,14 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 gen = protocol.parse_generate_request(getter(pb_utils, request))
-                if gen is None:
-                    self.dispatch.stop(request.request_id())
+                if isinstance(gen, protocol.StopRequest):
+                    self.engine.cancel(gen.request_id)
                     sender.send(flags=FINAL)
                     continue
-                req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames,
-                                    prefix_len=gen.prefix_len, chunk_plan=gen.chunk_plan,
+                req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
+                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id,
                                     is_cancelled=sender.is_cancelled)
-                self.dispatch.submit(req, request.request_id(), (sender, gen.format_code, gen.start_ns))
+                self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal
                 sender.send(error_response(pb_utils, e), flags=FINAL)
         self.metrics.update(self.engine.stats())
@@ -82,7 +83,7 @@ class TritonPythonModel:
     def _warm_registered_voices(self):
         """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""
         dual_cfg, tokenizer = load_text_side(self.cfg)
-        builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks, self.cfg.allow_control_tokens)
         for voice in VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks).list():
             prompt, prefix_len = builder.request("", [voice.reference()])
             warm = EngineRequest(prompt, max_frames=1, prefix_len=prefix_len)

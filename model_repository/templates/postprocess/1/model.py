@@ -36,7 +36,7 @@ class TritonPythonModel:
     def _chunk(self, request) -> dict:
         get = getter(pb_utils, request)
         meta = protocol.ChunkMeta.unpack(get("CHUNK_META"))
-        samples = get("DECODED").reshape(-1)[meta.context_frames * self.frame_length:]
+        samples = protocol.check_decoded(get("DECODED"), meta, self.frame_length)
         if meta.index == 0:
             self.ttfa.observe((time.monotonic_ns() - meta.start_ns) / 1e9)
         pcm16 = protocol.SAMPLE_FORMATS[meta.format_code] == "int16"
@@ -44,4 +44,5 @@ class TritonPythonModel:
                 "AUDIO_INT16": protocol.to_pcm16(samples) if pcm16 else np.zeros(0, np.int16),
                 "CHUNK_INDEX": np.array([meta.index], np.int32),
                 "SAMPLE_RATE": np.array([self.sample_rate], np.int32),
-                "REQUEST_ID": get("REQUEST_ID").reshape(1)}
+                "REQUEST_ID": np.array([protocol.check_request_id(protocol.one_string(get, "REQUEST_ID")).encode()],
+                                       dtype=np.object_)}

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
-from fish_s2.request import SamplingParams
+from fish_s2.request import SamplingParams, new_request_id
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
@@ -28,7 +28,7 @@ class TritonPythonModel:
         check_io(model_config, protocol.VOICES_INPUTS, protocol.VOICES_OUTPUTS)
         configure_threads(self.cfg)
         dual_cfg, tokenizer = load_text_side(self.cfg)
-        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks, self.cfg.allow_control_tokens)
         self.registry = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
 
@@ -59,7 +59,8 @@ class TritonPythonModel:
         """One frame through dual_ar with the voice's prompt: its prefix KV lands in the engine's cache."""
         prompt, prefix_len = self.builder.request("", [voice.reference()])
         req = protocol.TTSRequest("", None, None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
-        tensors = protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0)
+        tensors = {**protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0),
+                   "REQUEST_ID": np.array([new_request_id().encode()], dtype=np.object_)}
         bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,
                                         inputs=[pb_utils.Tensor(k, v) for k, v in tensors.items()],
                                         requested_output_names=["CHUNK_META"])

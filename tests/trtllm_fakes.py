@@ -64,6 +64,7 @@ class FakeRequest:
     is_last_context_chunk: bool = False
     tokens: list[int] = field(default_factory=list)
     codes: list[torch.Tensor] = field(default_factory=list)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # requested additional outputs, per step
     finish_reason: str | None = None
     aborted: bool = False
 
@@ -91,7 +92,8 @@ class FakeExecutor:
         ids, extra = self.processor(inputs, sampling_params)
         assert sampling_params.top_k == 1 and CODES_OUTPUT in sampling_params.additional_model_outputs
         req = FakeRequest(self._next_id, ids, extra["multimodal_data"][MM_KEY], sampling_params.max_tokens,
-                          sampling_params.end_id, self._free_rows.pop())
+                          sampling_params.end_id, self._free_rows.pop(),
+                          outputs={name: [] for name in sampling_params.additional_model_outputs})
         self._next_id += 1
         self.requests[req.py_request_id] = req
         return req
@@ -158,6 +160,8 @@ class FakeExecutor:
                     continue
             r.tokens.append(int(sampled[row]))
             r.codes.append(out[CODES_OUTPUT][row][None].clone())  # [beam=1, num_codebooks]
+            for name, rows in r.outputs.items():
+                rows.append(out[name][row][None].clone())
             if r.tokens[-1] == r.end_id:
                 r.finish_reason = "stop"
             elif len(r.tokens) >= r.max_tokens:

@@ -36,6 +36,7 @@ from .hf_config import ARCHITECTURE, MODEL_TYPE
 from .state import FAILED_CODE, SlotManager
 
 CODES_OUTPUT = "fish_codes"   # additional_model_outputs name: the frame's codes, one row per sequence
+HIDDEN_OUTPUT = "fish_hidden"  # ... and the final-norm hidden state each frame came from (for checks)
 MM_KEY = "fish_s2"            # multi_modal_data key of the per-request tensors
 
 
@@ -158,10 +159,12 @@ class DualARStep:
 def step_forward(step: DualARStep, transformer, input_ids: Tensor, n_rows: int, n_context: int,
                  context_codes: Tensor, last_token: Tensor) -> dict[str, Tensor]:
     """One engine forward around ``transformer`` (input embeddings [N, dim] -> final-norm hidden [N, dim]);
-    ``last_token`` [n_rows] indexes each row's last packed token. Returns the model's output dict."""
-    hidden = transformer(step.embed(input_ids, n_rows, n_context, context_codes))
-    logits, codes = step.frames(hidden[last_token], n_rows, n_context)
-    return {"logits": logits, CODES_OUTPUT: codes.to(torch.int32)}
+    ``last_token`` [n_rows] indexes each row's last packed token. Returns the model's output dict: the
+    forcing logits, and per row the frame's codes and hidden state (TensorRT-LLM hands a request the
+    additional outputs it asks for; build/selfcheck.py asks for the hidden states)."""
+    hidden = transformer(step.embed(input_ids, n_rows, n_context, context_codes))[last_token]
+    logits, codes = step.frames(hidden, n_rows, n_context)
+    return {"logits": logits, CODES_OUTPUT: codes.to(torch.int32), HIDDEN_OUTPUT: hidden}
 
 
 # ---------------------------------------------------------------------------- TensorRT-LLM classes

@@ -176,8 +176,14 @@ class SelfCheck:
     def runs(self) -> dict:
         """Every TensorRT-LLM request, run once: an LLM with CUDA graphs (requests decoded alone, in order,
         then all at once) and one without (the same requests alone)."""
+        if isinstance(self._runs, Exception):
+            raise Failed(f"the TensorRT-LLM runs failed: {type(self._runs).__name__}: {self._runs}")
         if self._runs is None:
-            self._runs = trtllm_runs(self.checkpoint, self.export_dir / "trtllm", self.out)
+            try:
+                self._runs = trtllm_runs(self.reference(), self.export_dir / "trtllm", self.out)
+            except Exception as e:
+                self._runs = e
+                raise
         return self._runs
 
     # ------------------------------------------------------------------ (d)
@@ -276,13 +282,14 @@ def write_settings(path: Path, cuda_graphs: bool = True) -> Path:
     return path
 
 
-def trtllm_runs(checkpoint: Path, model_dir: Path, out: Path) -> dict:
-    from fish_s2.checkpoint import S2Checkpoint
+def trtllm_runs(ck, model_dir: Path, out: Path) -> dict:
+    import torch
+
     from fish_s2.trtllm.engine import _default_llm_factory
     from fish_s2.trtllm.hf_config import FishS2Config
     from fish_s2.trtllm.settings import load_settings
 
-    reqs = requests(S2Checkpoint.load(checkpoint))
+    reqs = requests(ck)
     cfg = FishS2Config.from_pretrained(str(model_dir)).dual_ar_config()
     result = {"requests": reqs}
     for mode in ("on", "off"):
@@ -301,6 +308,7 @@ def trtllm_runs(checkpoint: Path, model_dir: Path, out: Path) -> dict:
                             "batch": {k: unpack(v) for k, v in batch.items()}}
         finally:
             llm.shutdown()
+            torch.cuda.empty_cache()
     result["requests"].update({f"{name}@batch": req for name, req in reqs.items()})
     return result
 

@@ -150,12 +150,8 @@ class Plan:
         items = [Item("versions", f"{name} == {self.pin(key)}", lambda n=name, k=key: dist(n, self.pin(k)))
                  for name, key in PINNED_DISTS.items()]
         want = self.pin("TRITON_SERVER_RELEASE")
-        items.append(Item("versions", f"Triton server == {want} ({TRITON / 'TRITON_VERSION'}, or env TRITON_SERVER_VERSION)",
+        items.append(Item("versions", f"Triton server == {want} ({'/' / TRITON / 'TRITON_VERSION'}, or env TRITON_SERVER_VERSION)",
                           lambda: self._triton_version(want)))
-        rel = self.pin("TRITON_CONTAINER")
-        items.append(Item("versions", f"container release NVIDIA_TRITON_SERVER_VERSION == {rel} (when set)",
-                          lambda: None if os.environ.get("NVIDIA_TRITON_SERVER_VERSION", rel) == rel else
-                          f"NVIDIA_TRITON_SERVER_VERSION is {os.environ['NVIDIA_TRITON_SERVER_VERSION']}, pinned {rel}"))
         if self.backends_release is not None:
             items.append(Item("versions", f"backends image's Triton server == {want} ({self.backends_release})",
                               lambda: self._file_version(self.backends_release, want, "the backends image")))

@@ -107,7 +107,6 @@ def image(tmp_path, monkeypatch):
         _dist(site, name, ENV[key])
     _dist(site, "numpy", "1.26.4")
     _dist(site, "fish_s2", "0.1.0", ["numpy<2", "pytest>=8; extra == \"test\""])
-    monkeypatch.delenv("NVIDIA_TRITON_SERVER_VERSION", raising=False)
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     return root, site, tmp_path / "backends-TRITON_VERSION"

@@ -179,6 +179,8 @@ class SelfCheck:
         if isinstance(self._runs, Exception):
             raise Failed(f"the TensorRT-LLM runs failed: {type(self._runs).__name__}: {self._runs}")
         if self._runs is None:
+            if not (self.export_dir / "trtllm" / "config.json").is_file():
+                raise Failed(f"no TensorRT-LLM model directory under {self.export_dir}: run the export check first")
             try:
                 self._runs = trtllm_runs(self.reference(), self.export_dir / "trtllm", self.out)
             except Exception as e:

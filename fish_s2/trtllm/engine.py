@@ -33,7 +33,7 @@ from ..engine.config import EngineConfig, check_request
 from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestHandle, Unavailable
 from ..sampling import seed_to_key
 from .hf_config import FishS2Config
-from .model import CODES_OUTPUT, request_inputs
+from .model import CODES_OUTPUT, failed_frames, request_inputs
 from .settings import TrtllmSettings, load_trtllm_settings
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,9 @@ class TrtllmEngine:
                                f"{len(tokens)} tokens")
         eos = self.model_cfg.eos_id
         for i in range(run.n_tokens, len(tokens)):
+            if failed_frames(codes[i].reshape(-1)):
+                raise RuntimeError("the TensorRT-LLM model could not serve this request (no decode slot; see the "
+                                   "server log)")
             if tokens[i] == eos:
                 break
             self.lifecycle.frame(live, codes[i].reshape(-1).to(torch.long).numpy())

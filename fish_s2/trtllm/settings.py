@@ -82,14 +82,18 @@ class TrtllmSettings:
                                 "free_gpu_memory_fraction": kv.free_gpu_memory_fraction, "max_tokens": kv.max_tokens},
             "cuda_graph_config": graphs,
             "sampler_type": "TorchSampler",     # greedy pick of the one finite logit the model returns
+            # never pause a request: a resumed one would be re-prefilled without its prompt codes
+            "scheduler_config": {"capacity_scheduler_policy": "GUARANTEED_NO_EVICT"},
         }
 
     def build_llm_kwargs(self, engine: EngineConfig) -> dict:
         """:meth:`llm_kwargs` with the tensorrt_llm config objects (imports tensorrt_llm)."""
-        from tensorrt_llm.llmapi import CudaGraphConfig, KvCacheConfig
+        from tensorrt_llm.llmapi import CapacitySchedulerPolicy, CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
         kw = self.llm_kwargs(engine)
         kw["kv_cache_config"] = KvCacheConfig(**kw["kv_cache_config"])
+        policy = kw["scheduler_config"]["capacity_scheduler_policy"]
+        kw["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy[policy])
         if kw["cuda_graph_config"] is not None:
             kw["cuda_graph_config"] = CudaGraphConfig(**kw["cuda_graph_config"])
         return kw

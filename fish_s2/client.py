@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from .request import Internal, RequestError, Unavailable, from_wire
 from .serving import protocol
 
 DEFAULT_URL = "127.0.0.1:8001"
+STATUS_CODES = (("triton_grpc_error", "true"),)   # a stream's error ends it with a real gRPC status code
 
 
 @dataclass
@@ -139,7 +141,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def _infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str,
                    stream: bool) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    specs = {s.name: s for s in (*protocol.TTS_INPUTS, *protocol.VOICES_INPUTS)}
+    specs = {s.name: s for s in (*protocol.ENTRY_INPUTS, *protocol.VOICES_INPUTS, *protocol.DUAL_AR_INPUTS)}
     for name, array in arrays.items():
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = name, specs[name].wire_type
@@ -223,9 +225,13 @@ async def _asend_then_wait(request: service_pb2.ModelInferRequest, done: asyncio
 # ------------------------------------------------------------------ sync client
 
 class TTSClient:
+    """``admin_key`` (default ``$FISH_S2_ADMIN_KEY``): the server's admin key, for registering and
+    deleting voices."""
+
     def __init__(self, url: str = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0):
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
+        self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
         self._channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                             ("grpc.max_send_message_length", -1)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -241,7 +247,7 @@ class TTSClient:
         Stopping the iteration early cancels the request on the server."""
         request_id, done = uuid.uuid4().hex, threading.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
-        call = self._stub.ModelStreamInfer(_send_then_wait(request, done), timeout=self.timeout_s)
+        call = self._stub.ModelStreamInfer(_send_then_wait(request, done), timeout=self.timeout_s, metadata=STATUS_CODES)
         reorder, finished, refused = ChunkReorderer(), False, False
         try:
             for response in call:
@@ -278,14 +284,14 @@ class TTSClient:
             raise _rpc_error(e) from None
 
     def register_voice(self, voice_id: str, audio: np.ndarray, sample_rate: int, text: str) -> dict:
-        return self._voices_call("register", voice_id=voice_id, reference_audio=audio,
-                                 reference_sample_rate=sample_rate, reference_text=text)[0]
+        return self._voices_call("register", voice_id=voice_id, reference_audio=audio, reference_sample_rate=sample_rate,
+                                 reference_text=text, admin_key=self.admin_key)[0]
 
     def list_voices(self) -> list[dict]:
         return self._voices_call("list")
 
     def delete_voice(self, voice_id: str) -> dict:
-        return self._voices_call("delete", voice_id=voice_id)[0]
+        return self._voices_call("delete", voice_id=voice_id, admin_key=self.admin_key)[0]
 
     def close(self) -> None:
         self._channel.close()
@@ -306,8 +312,9 @@ class AsyncTTSClient:
     the request is cancelled at once rather than when the generator is collected."""
 
     def __init__(self, url: str = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0):
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
+        self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
         self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                                 ("grpc.max_send_message_length", -1)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
@@ -315,7 +322,8 @@ class AsyncTTSClient:
     async def stream(self, text: str, **fields) -> AsyncIterator[AudioChunk]:
         request_id, done = uuid.uuid4().hex, asyncio.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
-        call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s)
+        call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s,
+                                           metadata=STATUS_CODES)
         reorder, finished, refused = ChunkReorderer(), False, False
         try:
             async for response in call:
@@ -344,6 +352,15 @@ class AsyncTTSClient:
         async for chunk in self.stream(text, **fields):
             collector.add(chunk)
         return collector.result(fields.get("sample_format"))
+
+    async def voices(self, action: str, **fields) -> list[dict]:
+        """register / list / delete (``fields``: see :func:`protocol.voice_inputs`; the admin key is added)."""
+        keyed = {"admin_key": self.admin_key} if action != "list" else {}
+        req = _infer_request(protocol.VOICES, protocol.voice_inputs(action, **fields, **keyed), uuid.uuid4().hex, False)
+        try:
+            return _voices(await self._stub.ModelInfer(req, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from None
 
     async def close(self) -> None:
         await self._channel.close()

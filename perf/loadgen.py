@@ -206,9 +206,9 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_shared_voice(url: str) -> None:
+def prepare_shared_voice(url: str, admin_key: str | None) -> None:
     audio, rate, text = reference_voice(10_000)
-    with TTSClient(url) as client:
+    with TTSClient(url, admin_key=admin_key) as client:
         if not any(v.get("voice_id") == SHARED_VOICE for v in client.list_voices()):
             client.register_voice(SHARED_VOICE, audio, rate, text)
 
@@ -216,6 +216,8 @@ def prepare_shared_voice(url: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    ap.add_argument("--admin-key-file", help="the server's admin key, to register the shared voice "
+                                             "(default: $FISH_S2_ADMIN_KEY)")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (closed loop)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = [t for t in Path(args.corpus).read_text().splitlines() if t.strip()]
     if args.mode == "shared":
-        prepare_shared_voice(args.url)
+        key = Path(args.admin_key_file).read_text().strip() if args.admin_key_file else None
+        prepare_shared_voice(args.url, key)
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "duration": None})
         asyncio.run(run_level(args.url, 1, texts, warm, offset=10**6))

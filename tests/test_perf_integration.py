@@ -105,7 +105,8 @@ def test_api_key_is_required_when_configured(server):
 
 
 def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
-    result = loadgen.main(["--url", server.grpc_url, "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
                            "--max-frames", "24", "--mode", "shared", "--tag", "t", "--out", str(tmp_path)])
     for name in ("loadgen_t_shared.json", "loadgen_t_shared.md", "loadgen_t_shared.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -124,7 +125,8 @@ def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
 
 
 def test_unique_voice_mode_sends_references(server, tmp_path):
-    result = loadgen.main(["--url", server.grpc_url, "--concurrency", "2", "--requests", "2", "--warmup", "0",
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "2", "--requests", "2", "--warmup", "0",
                            "--max-frames", "8", "--mode", "unique", "--tag", "u", "--out", str(tmp_path)])
     assert result["levels"][0]["errors"] == 0
     audio, rate, _ = loadgen.reference_voice(1)

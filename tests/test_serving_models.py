@@ -90,7 +90,7 @@ def _fake_pb_utils():
     pb.MetricFamily = MetricFamily
     pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     pb.using_decoupled_model_transaction_policy = lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled")
-    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None)
+    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None, log_info=lambda msg: None)
     return pb
 
 
@@ -263,8 +263,7 @@ def test_stop_ends_only_the_request_with_that_server_issued_id(dual_ar):
     stop = Request(p.stop_tensors(mine_id))
     model.execute([stop])
     assert stop.sender.finals == [None] and mine.sender.done.wait(5)
-    (final,) = mine.sender.finals                            # a stopped stream never ends like a complete one
-    assert final.error.code == TritonError.CANCELLED and not other.sender.done.is_set()
+    assert mine.sender.finals == [None] and not other.sender.done.is_set()   # plain: tts tells the client
     assert engine.cancelled == [mine_id]
 
 
@@ -278,8 +277,7 @@ def test_engine_error_and_broken_client(dual_ar):
     error = failing.sender.finals[0].error
     assert error.code == TritonError.INTERNAL and "boom" in error.message()
     engine.emit(rid_broken, _chunk(rid_broken, 0))          # the send fails: the engine is told to cancel
-    assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken]
-    assert broken.sender.finals[0].error.code == TritonError.CANCELLED
+    assert broken.sender.done.wait(5) and engine.cancelled == [rid_broken] and broken.sender.finals == [None]
 
 
 def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
@@ -381,7 +379,7 @@ class FakeBLS:
                 if self.model == p.DUAL_AR:
                     bls.stops.append(p.parse_generate_request(lambda n: self.inputs.get(n)).request_id)
                     return iter([PipelineResponse()])
-                return bls.stream(self.inputs["REQUEST_ID"][0].decode())
+                return bls.stream(self.inputs["STREAM_ID"][0].decode())
 
         return InferenceRequest
 
@@ -419,10 +417,36 @@ def test_tts_relays_and_stops_the_engine_request_of_a_client_that_is_gone(monkey
         request.sender.cancelled = True                                  # the client disconnects
         assert request.sender.done.wait(5) and bls.drained.wait(5)
         (pipeline, inputs), = [c for c in bls.calls if c[0] == p.TTS_PIPELINE]
-        issued = inputs["REQUEST_ID"][0].decode()
+        issued = inputs["STREAM_ID"][0].decode()
         assert p.REQUEST_ID.fullmatch(issued) and bls.stops == [issued]  # the server-issued id, stopped once
         assert request.sender.finals == [None] and len(request.sender.responses) < bls.chunks
         assert model.relay.live() == 0
+    finally:
+        model.finalize()
+
+
+def test_tts_stop_by_the_owner_ends_the_stream_cancelled(monkeypatch, repo):
+    bls = FakeBLS()
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        request = Request(p.tts_inputs("Hello."))
+        model.execute([request])
+        deadline = time.monotonic() + 5
+        while not request.sender.responses and time.monotonic() < deadline:
+            time.sleep(0.005)
+        issued = bls.calls[0][1]["STREAM_ID"][0].decode()
+        refused = [Request({"STOP": np.array([True]), "REQUEST_ID": np.array([b"client-chosen"], dtype=object)}),
+                   Request({**p.stop_tensors(issued), "TEXT": np.array([b"x"], dtype=object)})]
+        model.execute(refused)
+        assert [r.sender.finals[0].error.message().split(":")[0] for r in refused] == ["request_id", "stop"]
+        stranger = Request(p.stop_tensors(new_request_id()))
+        model.execute([stranger])
+        assert stranger.sender.finals == [None] and not request.sender.done.is_set()
+        owner = Request(p.stop_tensors(issued))                       # the id only the stream's responses carry
+        model.execute([owner])
+        assert owner.sender.finals == [None] and request.sender.done.wait(5)
+        (final,) = request.sender.finals                              # never a normal end
+        assert final.error.code == TritonError.CANCELLED and bls.stops == [issued]
     finally:
         model.finalize()
 

@@ -13,7 +13,8 @@ from fish_s2.serving.config import FILE_NAME, ServingConfig
 from fish_s2.serving.repository import MODELS, PROFILE_SETTINGS, PYTHON_MODELS, generate, main
 from fish_s2.trtllm.settings import DEFAULT_PATH, load_trtllm_settings
 
-PROTOCOL_IO = {p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS), p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
+PROTOCOL_IO = {p.TTS: (p.ENTRY_INPUTS, p.TTS_OUTPUTS), p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
+               p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
                p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS), p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS),
                p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS)}
 
@@ -25,8 +26,10 @@ def _configs(repo):
 
 def _check_ensemble(configs):
     """Every mapped name exists on its model, every consumed tensor is produced earlier with the same type."""
-    tts = configs[p.TTS]
+    tts = configs[p.TTS_PIPELINE]
     available = {t.name: t.data_type for t in tts.input}
+    produced = {value for step in tts.ensemble_scheduling.step for value in step.output_map.values()}
+    assert not produced & set(available), "a step output reuses an ensemble input's name"
     for step in tts.ensemble_scheduling.step:
         model = configs[step.model_name]
         inputs = {t.name: t for t in model.input}

@@ -52,7 +52,7 @@ def deployment(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(deployment):
-    with TTSClient(deployment[0].grpc_url, timeout_s=120) as c:
+    with TTSClient(deployment[0].grpc_url, timeout_s=120, admin_key=deployment[0].admin_key) as c:
         yield c
 
 
@@ -147,7 +147,7 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
     stream = client.stream("A long sentence that will not be finished.", max_frames=1000,
                            first_chunk_frames=2, chunk_frames=2)
     assert [next(stream).index, next(stream).index] == [0, 1]
-    stream.close()                                   # cancels the gRPC stream and sends STOP to dual_ar
+    stream.close()                                   # cancels the gRPC stream: tts stops the engine request
     deadline = time.monotonic() + 20
     while _metric(_metrics(server), metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -170,6 +170,9 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
 
     frames_before = _metric(_metrics(server), metrics.FRAMES.name)
     asyncio.run(abandon_async_streams())
+    deadline = time.monotonic() + 2                  # the server sees each cancel and frees the slot
+    while _metric(_metrics(server), metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     text = _metrics(server)
     assert _metric(text, metrics.ACTIVE.name) == 0 and _metric(text, metrics.FRAMES.name) - frames_before < 300
 
@@ -232,8 +235,11 @@ def test_voices_survive_a_restart_and_the_say_cli(deployment, tmp_path):
     bad = subprocess.run(say + ["Hi.", "--voice", "../x", "-o", str(out), "--url", server.grpc_url],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "voice_id: must match" in bad.stderr
-    deleted = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
-                             capture_output=True, text=True)
+    refused = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
+                             capture_output=True, text=True)         # no admin key: refused
+    assert refused.returncode == 1 and "admin_key: missing or wrong" in refused.stderr
+    deleted = subprocess.run(say + ["voices", "--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                                    "delete", "bob"], capture_output=True, text=True)
     assert deleted.returncode == 0 and '"deleted": true' in deleted.stdout
 
 

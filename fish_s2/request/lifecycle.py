@@ -117,10 +117,13 @@ class Lifecycle:
         for live in self.lives():
             if live.req.is_cancelled is None or live.cancel_requested:
                 continue
-            try:
-                gone = bool(live.req.is_cancelled())
-            except Exception:
-                gone = True
+            with live.lock:     # never after its Finished (a Triton sender is freed once its FINAL is out)
+                if live.done:
+                    continue
+                try:
+                    gone = bool(live.req.is_cancelled())
+                except Exception:
+                    gone = True
             if gone:
                 self.cancel(live.request_id)
 

@@ -14,13 +14,14 @@ Torch-free: the client imports it.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..request import ChunkPlan, InvalidArgument, Limits, SamplingParams
+from ..request import ChunkPlan, InvalidArgument, Limits, PermissionDenied, SamplingParams
 from ..request.params import integer
 
 TTS, TTS_PIPELINE, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
@@ -75,6 +76,10 @@ TTS_INPUTS = (
     _s("CONTEXT_FRAMES", np.int32, optional=True),
     _s("SAMPLE_FORMAT", np.object_, optional=True),
 )
+# tts (the client-facing entry): a synthesis (TTS_INPUTS, TEXT required) or a stop (STOP and REQUEST_ID alone:
+# the server-issued id that the stream's own responses carry)
+ENTRY_INPUTS = tuple(TensorSpec(s.name, s.dtype, s.dims, True) if s.name == "TEXT" else s for s in TTS_INPUTS) + (
+    _s("STOP", np.bool_, optional=True), _s("REQUEST_ID", np.object_, optional=True))
 TTS_OUTPUTS = (                       # = postprocess outputs; one response per chunk
     _s("AUDIO", np.float32, (-1,)),           # samples of the chunk if SAMPLE_FORMAT is float32, else empty
     _s("AUDIO_INT16", np.int16, (-1,)),       # samples of the chunk if SAMPLE_FORMAT is int16, else empty
@@ -84,7 +89,7 @@ TTS_OUTPUTS = (                       # = postprocess outputs; one response per 
 )
 
 # ---------------------------------------------------------------- tts_pipeline (ensemble) = what tts relays
-PIPELINE_INPUTS = TTS_INPUTS + (_s("REQUEST_ID", np.object_),)   # issued by tts; dual_ar's engine request id
+PIPELINE_INPUTS = TTS_INPUTS + (_s("STREAM_ID", np.object_),)   # issued by tts: dual_ar's REQUEST_ID (engine id)
 
 # ---------------------------------------------------------------- preprocess -> dual_ar
 GENERATE_INPUTS = (
@@ -121,6 +126,7 @@ POSTPROCESS_INPUTS = (
 # ---------------------------------------------------------------- voices
 VOICES_INPUTS = (
     _s("ACTION", np.object_),
+    _s("ADMIN_KEY", np.object_, optional=True),           # register and delete: the server's admin key
     _s("VOICE_ID", np.object_, optional=True),
     _s("REFERENCE_AUDIO", np.float32, (-1,), optional=True),
     _s("REFERENCE_SAMPLE_RATE", np.int32, optional=True),
@@ -308,6 +314,7 @@ class VoiceRequest:
     action: str
     voice_id: str | None
     reference: ReferenceInput | None
+    admin_key: str | None = None
 
 
 def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceRequest:
@@ -316,6 +323,7 @@ def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceReque
     if action not in VOICE_ACTIONS:
         raise InvalidArgument("action", f"expected one of {list(VOICE_ACTIONS)}, got {action!r}")
     voice_id = _one(get, specs["VOICE_ID"])
+    admin_key = _one(get, specs["ADMIN_KEY"])
     if action == "list":
         return VoiceRequest(action, None, None)
     if voice_id is None:
@@ -324,7 +332,14 @@ def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceReque
     reference = _reference(get, specs, max_reference_seconds, required=action == "register")
     if action == "delete" and reference is not None:
         raise InvalidArgument("reference_audio", "not used when deleting a voice")
-    return VoiceRequest(action, voice_id, reference)
+    return VoiceRequest(action, voice_id, reference, admin_key)
+
+
+def check_admin_key(given: str | None, expected: str | None) -> None:
+    """A protected action needs the server's admin key (when the server has one)."""
+    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
+        raise PermissionDenied("admin_key", "missing or wrong: registering and deleting voices needs the server's "
+                                            "admin key ($FISH_S2_ADMIN_KEY, or the admin-key file of the server)")
 
 
 @dataclass(frozen=True)
@@ -393,8 +408,21 @@ def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
         format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
 
 
+def parse_entry_stop(get: Getter) -> str | None:
+    """The server-issued id of a stop request to tts (STOP and REQUEST_ID alone), None for a synthesis."""
+    specs = {s.name: s for s in ENTRY_INPUTS}
+    if not _one(get, specs["STOP"]):
+        if get("REQUEST_ID") is not None:
+            raise InvalidArgument("request_id", "only a stop request carries one (ids are issued by the server)")
+        return None
+    present = [s.name for s in TTS_INPUTS if get(s.name) is not None]
+    if present:
+        raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
+    return check_request_id(_one(get, specs["REQUEST_ID"]))
+
+
 def stop_tensors(request_id: str) -> dict[str, np.ndarray]:
-    """The dual_ar inputs that stop the request with this server-issued id."""
+    """The inputs (of tts, or of dual_ar) that stop the request with this server-issued id."""
     return {"STOP": np.array([True]), "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
 
 
@@ -417,9 +445,11 @@ def tts_inputs(text: str, *, voice_id: str | None = None, reference_audio: np.nd
 
 
 def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
-                 reference_sample_rate: int | None = None, reference_text: str | None = None) -> dict[str, np.ndarray]:
+                 reference_sample_rate: int | None = None, reference_text: str | None = None,
+                 admin_key: str | None = None) -> dict[str, np.ndarray]:
     return _arrays(VOICES_INPUTS, dict(action=action, voice_id=voice_id, reference_audio=reference_audio,
-                                       reference_sample_rate=reference_sample_rate, reference_text=reference_text))
+                                       reference_sample_rate=reference_sample_rate, reference_text=reference_text,
+                                       admin_key=admin_key))
 
 
 def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ A decoupled python entry does see its own request's cancellation. So the entry c
 with BLS (``exec(decoupled=True)``) and forwards each response, while a watcher thread asks every
 open stream's response sender, once per check period, whether its client is gone; for one that is,
 it sends dual_ar a STOP for the stream's engine request id (issued here, unguessable, and carried
-down the pipeline as REQUEST_ID), and the stream's thread keeps draining the pipeline's responses to
+down the pipeline as STREAM_ID, dual_ar's REQUEST_ID), and the stream's thread keeps draining the pipeline's responses to
 their end without forwarding them (an undrained BLS iterator keeps the model from unloading).
 
 ``pb_utils`` is passed in, so this module imports and tests without Triton.
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..request import Cancelled, from_wire
 from . import protocol
 from .adapter import triton_error
 
@@ -32,6 +33,9 @@ class _Stream:
     request_id: str
     sender: object
     stop_sent: bool = False
+    owner_stopped: bool = False   # stopped at its owner's request: the client is there to be told
+    done: bool = False      # FINAL sent: the sender must not be touched again (Triton frees it)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Relay:
@@ -62,8 +66,8 @@ class Relay:
             for response in request.exec(decoupled=True):   # always drained to its end
                 if stream.stop_sent or final_error is not None:
                     continue
-                if response.has_error():
-                    final_error = response.error()
+                if response.has_error():   # re-typed from its tag: a BLS error does not keep its code
+                    final_error = triton_error(pb, from_wire(response.error().message()))
                     continue
                 tensors = response.output_tensors()
                 if tensors:
@@ -73,11 +77,16 @@ class Relay:
         finally:
             with self._lock:
                 self._streams.pop(stream.request_id, None)
-            try:   # exactly one FINAL: the pipeline's error if it failed, else empty (a stopped client is gone)
-                response = None if final_error is None or stream.stop_sent else pb.InferenceResponse(error=final_error)
-                stream.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            except Exception:
-                log.exception("ending request %s failed", stream.request_id)
+            if stream.owner_stopped:
+                final_error = triton_error(pb, Cancelled("the stream was stopped by its owner before it ended"))
+            with stream.lock:   # exactly one FINAL: an error if it failed or was stopped, else empty
+                stream.done = True
+                stopped_silently = stream.stop_sent and not stream.owner_stopped   # its client is gone
+                response = None if final_error is None or stopped_silently else pb.InferenceResponse(error=final_error)
+                try:
+                    stream.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:
+                    log.exception("ending request %s failed", stream.request_id)
 
     # ------------------------------------------------------------------ cancellation
 
@@ -86,10 +95,13 @@ class Relay:
             with self._lock:
                 streams = [s for s in self._streams.values() if not s.stop_sent]
             for stream in streams:
-                try:
-                    gone = bool(stream.sender.is_cancelled())
-                except Exception:
-                    gone = True
+                with stream.lock:   # never ask a sender that has sent its FINAL (a freed response factory)
+                    if stream.done:
+                        continue
+                    try:
+                        gone = bool(stream.sender.is_cancelled())
+                    except Exception:
+                        gone = True
                 if gone:
                     self.stop(stream)
 
@@ -104,6 +116,16 @@ class Relay:
                 pass
         except Exception:
             log.exception("stopping request %s failed", stream.request_id)
+
+    def stop_owned(self, request_id: str) -> bool:
+        """Stop a stream at the request of whoever holds its server-issued id (False: no such stream)."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None or stream.stop_sent:
+            return stream is not None
+        stream.owner_stopped = True
+        self.stop(stream)
+        return True
 
     def live(self) -> int:
         with self._lock:

@@ -174,7 +174,7 @@ def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict
     common = {"serving_config": FILE_NAME, "runtime": cfg.runtime, "device": cfg.device,
               "codec_runtime": cfg.codec_runtime, **{k: str(v) for k, v in dataclasses.asdict(triton).items()}}
     io = {
-        p.TTS: (p.TTS_INPUTS, p.TTS_OUTPUTS), p.TTS_PIPELINE: (p.PIPELINE_INPUTS, p.TTS_OUTPUTS),
+        p.TTS: (p.ENTRY_INPUTS, p.TTS_OUTPUTS), p.TTS_PIPELINE: (p.PIPELINE_INPUTS, p.TTS_OUTPUTS),
         p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
         p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS), p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS),
         p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS), p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS),
@@ -187,7 +187,7 @@ def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict
     values[p.TTS_PIPELINE].update(
         preprocess_maps=_maps([("input", s.name, s.name) for s in p.TTS_INPUTS]
                               + [("output", n, n.lower()) for n in gen]),
-        dual_ar_maps=_maps([("input", n, n.lower()) for n in gen] + [("input", "REQUEST_ID", "REQUEST_ID")]
+        dual_ar_maps=_maps([("input", n, n.lower()) for n in gen] + [("input", "REQUEST_ID", "STREAM_ID")]
                            + [("output", "CODES", "codes"), ("output", "CHUNK_META", "chunk_meta"),
                               ("output", "REQUEST_ID", "request_id")]),
         postprocess_maps=_maps([("output", s.name, s.name) for s in p.TTS_OUTPUTS]),

@@ -5,7 +5,8 @@ TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS) with REQUEST_ID (the
 from tts, the engine's request id), or STOP with REQUEST_ID, which stops that running request.
 Outputs, one response per code chunk: CODES [codebooks, context + n], CHUNK_META (index, context
 frames, format code, start ns), REQUEST_ID. Every request ends with exactly one FINAL response:
-empty at the end of speech or the frame limit, else carrying its typed error (CANCELLED when stopped).
+empty at the end of speech, the frame limit or a stop (tts, which sends the stops, tells its client
+that the stream was cancelled), else carrying its typed error.
 
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
@@ -18,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
-from fish_s2.request import ChunkEvent, EngineRequest, collect
+from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
@@ -73,9 +74,11 @@ class TritonPythonModel:
                 self.engine.cancel(stream.request_id)
                 raise
             return
+        pb_utils.Logger.log_info(f"dual_ar: request {event.request_id} {event.reason} after {event.n_frames} frames")
         response = None
-        try:
-            if event.error is not None:
+        try:   # a stopped request ends plainly: an error response from a running decoupled step strands the
+            # ensemble request in Triton 2.51; tts, which stopped it, tells its client (CANCELLED)
+            if event.error is not None and not isinstance(event.error, Cancelled):
                 response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)

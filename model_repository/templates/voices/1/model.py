@@ -6,10 +6,12 @@ object (voice_id, text, frames) per voice registered, listed or deleted. Registr
 reference, stores its codes under the voices folder and warms the engine's prefix cache with the
 voice's system block (a one-frame request to dual_ar). Ids are checked against a strict pattern
 before any path is built; bad input gets INVALID_ARG, an unknown id NOT_FOUND, a taken one
-ALREADY_EXISTS.
+ALREADY_EXISTS. Register and delete need ADMIN_KEY equal to the server's admin key
+($FISH_S2_ADMIN_KEY in the server's environment, set by the launcher) when it has one.
 """
 
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -47,6 +49,7 @@ class TritonPythonModel:
     def _handle(self, req: protocol.VoiceRequest) -> list[dict]:
         if req.action == "list":
             return [v.info() for v in self.registry.list()]
+        protocol.check_admin_key(req.admin_key, os.environ.get("FISH_S2_ADMIN_KEY"))
         if req.action == "delete":
             self.registry.delete(req.voice_id)
             return [{"voice_id": req.voice_id, "deleted": True}]

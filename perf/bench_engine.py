@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--fast-ar", default="torch", help="fast-AR runtimes to compare: torch, onnx (ONNX Runtime)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default="cpu", help="results go to OUT/bench_engine_TAG.{json,md}")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              "ttfa": time_to_first_audio(ck, args.reference_seconds, 3)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_engine_cpu.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_engine_cpu.md").write_text(markdown(result))
+    (out / f"bench_engine_{args.tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"bench_engine_{args.tag}.md").write_text(markdown(result))
     print(markdown(result))
     print(json.dumps(result))
     return result

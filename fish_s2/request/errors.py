@@ -25,36 +25,31 @@ class RequestError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
 
 
-class InvalidArgument(RequestError, ValueError):
-    """The request can never be served as given; ``field`` names the input at fault."""
+class FieldError(RequestError):
+    """An error about one input of the request, which ``field`` names."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message, field)
+
+
+class InvalidArgument(FieldError, ValueError):
+    """The request can never be served as given."""
 
     status, triton, grpc, http = "INVALID_ARGUMENT", "INVALID_ARG", "INVALID_ARGUMENT", 400
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
-
-class NotFound(RequestError):
+class NotFound(FieldError):
     status, triton, grpc, http = "NOT_FOUND", "NOT_FOUND", "NOT_FOUND", 404
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
-
-class AlreadyExists(RequestError):
+class AlreadyExists(FieldError):
     status, triton, grpc, http = "ALREADY_EXISTS", "ALREADY_EXISTS", "ALREADY_EXISTS", 409
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
-
-class PermissionDenied(RequestError):
-    """A protected action (voice register/delete, an admin protocol) without the right key."""
+class PermissionDenied(FieldError):
+    """A protected action (voice register/delete) without the right key."""
 
     status, triton, grpc, http = "PERMISSION_DENIED", "INVALID_ARG", "PERMISSION_DENIED", 403
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
 
 class Unavailable(RequestError):
@@ -97,6 +92,14 @@ def to_wire(error: RequestError) -> str:
     return f"{error} [fish-s2:{error.status}]"
 
 
+def client_gone(is_cancelled) -> bool:
+    """Ask a client's cancellation check; a check that raises counts as gone (a dead connection)."""
+    try:
+        return bool(is_cancelled())
+    except Exception:
+        return True
+
+
 def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
     """The typed error of a server's message: by its tag, else by the call's gRPC status code.
 
@@ -117,7 +120,6 @@ def rebuild(cls: type[RequestError], message: str) -> RequestError:
     """An instance of ``cls`` carrying ``message`` as it was sent."""
     error = cls.__new__(cls)
     field, sep, rest = message.partition(": ")
-    error.field = field if sep and " " not in field and issubclass(cls, (InvalidArgument, NotFound, AlreadyExists,
-                                                                         PermissionDenied)) else None
+    error.field = field if sep and " " not in field and issubclass(cls, FieldError) else None
     Exception.__init__(error, message)
     return error

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chunks import Chunker
-from .errors import Busy, Cancelled, InvalidArgument, RequestError, Unavailable
+from .errors import Busy, Cancelled, InvalidArgument, RequestError, Unavailable, client_gone
 from .events import ChunkEvent, Event, Finished, RequestHandle
 from .params import ChunkPlan, EngineRequest
 
@@ -120,10 +120,7 @@ class Lifecycle:
             with live.lock:     # never after its Finished (a Triton sender is freed once its FINAL is out)
                 if live.done:
                     continue
-                try:
-                    gone = bool(live.req.is_cancelled())
-                except Exception:
-                    gone = True
+                gone = client_gone(live.req.is_cancelled)
             if gone:
                 self.cancel(live.request_id)
 

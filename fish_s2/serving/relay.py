@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..request import Cancelled, from_wire
+from ..request.errors import client_gone
 from . import protocol
 from .adapter import triton_error
 
@@ -98,10 +99,7 @@ class Relay:
                 with stream.lock:   # never ask a sender that has sent its FINAL (a freed response factory)
                     if stream.done:
                         continue
-                    try:
-                        gone = bool(stream.sender.is_cancelled())
-                    except Exception:
-                        gone = True
+                    gone = client_gone(stream.sender.is_cancelled)
                 if gone:
                     self.stop(stream)
 

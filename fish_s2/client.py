@@ -39,7 +39,6 @@ from .request import Internal, RequestError, Unavailable, from_wire
 from .serving import protocol
 
 DEFAULT_URL = "127.0.0.1:8001"
-STATUS_CODES = (("triton_grpc_error", "true"),)   # a stream's error ends it with a real gRPC status code
 
 
 @dataclass
@@ -247,7 +246,7 @@ class TTSClient:
         Stopping the iteration early cancels the request on the server."""
         request_id, done = uuid.uuid4().hex, threading.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
-        call = self._stub.ModelStreamInfer(_send_then_wait(request, done), timeout=self.timeout_s, metadata=STATUS_CODES)
+        call = self._stub.ModelStreamInfer(_send_then_wait(request, done), timeout=self.timeout_s)
         reorder, finished, refused = ChunkReorderer(), False, False
         try:
             for response in call:
@@ -322,8 +321,7 @@ class AsyncTTSClient:
     async def stream(self, text: str, **fields) -> AsyncIterator[AudioChunk]:
         request_id, done = uuid.uuid4().hex, asyncio.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
-        call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s,
-                                           metadata=STATUS_CODES)
+        call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s)
         reorder, finished, refused = ChunkReorderer(), False, False
         try:
             async for response in call:

@@ -4,7 +4,9 @@ A request that does not complete normally ends with one of these. Every layer ma
 never by message text: Triton's model error codes (``pb_utils.TritonError``), gRPC status codes and
 HTTP statuses come from the class. Over a Triton stream the error's class also travels in its
 message as a tag (``[fish-s2:BUSY]``), because a streamed error response has a message and no code;
-:func:`from_wire` reads it back on the client.
+:func:`from_wire` reads it back on the client. (Triton's ``triton_grpc_error`` header would close the
+stream with a gRPC status instead, but on 2.51 a client that cancels such a stream after its error
+crashes the server's gRPC frontend (measured), so this package never asks for it.)
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ ERRORS: dict[str, type[RequestError]] = {
                           Internal)}
 _TAG = re.compile(r"\s*\[fish-s2:([A-Z_]+)\]\s*$")
 _PREFIX = re.compile(r"^(in ensemble '[^']*', )+")      # what a Triton ensemble puts before a step's error
-# Triton's own checks of a request (datatype, shape, unknown input) run before any model and come over a
-# stream as a message of this form, with no code even when triton_grpc_error is asked for (2.51, measured)
+# Triton's own checks of a request (datatype, shape) run before any model and come over a stream as a
+# message of this form, with no code (2.51, measured)
 _TRITON_REQUEST_CHECK = re.compile(r"^\[request id: [^\]]*\] ")
 _GRPC = {"INVALID_ARGUMENT": InvalidArgument, "NOT_FOUND": NotFound, "ALREADY_EXISTS": AlreadyExists,
          "PERMISSION_DENIED": PermissionDenied,

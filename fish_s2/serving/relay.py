@@ -72,7 +72,10 @@ class Relay:
                     continue
                 tensors = response.output_tensors()
                 if tensors:
-                    stream.sender.send(pb.InferenceResponse(output_tensors=tensors))
+                    try:
+                        stream.sender.send(pb.InferenceResponse(output_tensors=tensors))
+                    except Exception:   # the client is gone: stop its request and keep draining (an
+                        self.stop(stream)   # undrained BLS iterator keeps this model from unloading)
         except Exception as e:  # a failed relay ends its own stream only
             final_error = triton_error(pb, e) if final_error is None else final_error
         finally:

@@ -370,9 +370,11 @@ DEFINED = {d.name: d for d in metrics.ALL}
 
 
 def max_active(profile: str) -> int:
-    """The profile's engine.max_active (for either runtime the one source of the engine's limits)."""
+    """The most slots (engine.max_active) a pod of the profile gets: its max_slots, the cap on the slot
+    count dual_ar derives from the memory (for either runtime the one source of the engine's limits)."""
     from fish_s2.serving.repository import PROFILE_SETTINGS
-    return PROFILE_SETTINGS[profile][0]["engine"]["max_active"]
+    settings = PROFILE_SETTINGS[profile][0]
+    return settings["engine"]["max_active"] or settings["max_slots"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -21,7 +21,9 @@ from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, Internal
 from fish_s2.serving import metrics
 from fish_s2.serving import protocol as p
 from fish_s2.serving.dispatch import Dispatcher
+from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
+from fish_s2.serving.runtime import DualARStart, memory_plan
 from fish_s2.request import CodeChunk
 
 FINAL = 1
@@ -73,13 +75,15 @@ class FakeMetric:
 
 class MetricFamily:
     COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-    created = {}
+    created = {}            # name -> the last metric made; (name, sorted labels) -> metric
 
     def __init__(self, name, description, kind):
         self.name, self.kind = name, kind
 
     def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
+        assert all(isinstance(v, str) for v in labels.values()), labels
         metric = MetricFamily.created[self.name] = FakeMetric(buckets)
+        MetricFamily.created[(self.name, tuple(sorted(labels.items())))] = metric
         return metric
 
 
@@ -90,8 +94,11 @@ def _fake_pb_utils():
     pb.MetricFamily = MetricFamily
     pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     pb.using_decoupled_model_transaction_policy = lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled")
-    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None, log_info=lambda msg: None)
+    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None, log_info=LOG.append)
     return pb
+
+
+LOG = []
 
 
 class Sender:
@@ -203,7 +210,17 @@ def _chunk(request_id, index, frames=3, context=1):
 @pytest.fixture()
 def dual_ar(monkeypatch, repo, tiny_checkpoint):
     engine = FakeEngine(load_config(tiny_checkpoint)[0])
-    model = _load(monkeypatch, repo, "dual_ar", build_engine=lambda cfg: engine)
+    started = []
+
+    def start(cfg, codec_batch, log):   # the real plan (with this machine's memory); a fake engine
+        plan = check_fits(memory_plan(cfg, codec_batch=codec_batch))
+        for line in plan.to_text().splitlines():
+            log(line)
+        started.append(DualARStart(engine, plan, 0.25))
+        return started[-1]
+
+    model = _load(monkeypatch, repo, "dual_ar", start_dual_ar=start)
+    engine.plan = started[0].plan
     yield model, engine
     model.finalize()
 
@@ -290,6 +307,23 @@ def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
     assert engine.stopped and all(r.sender.finals[0].error.code == TritonError.UNAVAILABLE for r in pending)
 
 
+def test_dual_ar_exports_its_memory_plan_and_warm_up(dual_ar):
+    model, engine = dual_ar
+    plan = engine.plan
+    gauge = lambda name, **labels: MetricFamily.created[(name, tuple(sorted(labels.items())))].value  # noqa: E731
+    assert gauge("fish_s2_kv_slots") == plan.max_active == 16          # derived: the cpu profile's cap
+    assert gauge("fish_s2_kv_tokens_per_slot") == plan.tokens_per_slot == 3072
+    assert gauge("fish_s2_kv_bytes_per_token") == plan.kv_bytes_per_token
+    assert gauge("fish_s2_memory_available_bytes") == plan.available_bytes
+    for c in plan.components:
+        assert gauge("fish_s2_memory_planned_bytes", component=c.name) == c.bytes
+    assert gauge("fish_s2_memory_planned_bytes", component="total") == plan.total_bytes
+    assert gauge(metrics.WARMUP.name, model="dual_ar") == 0.25
+    assert {n for n, _, _ in plan.to_metrics()} == {d.name for d in metrics.PLAN}
+    assert "\n".join(LOG[-len(plan.to_text().splitlines()):]) == plan.to_text()
+    assert plan.settings.codec_batch == 8                           # from the repository's codec config
+
+
 def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
     engine = FakeEngine(load_config(tiny_checkpoint)[0], max_in_flight=2)
     dispatch = Dispatcher(engine, lambda stream, event: None)
@@ -334,6 +368,10 @@ def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
             return np.repeat(codes[:, 0, :].astype(np.float32), 4, axis=1)
 
     model = _load(monkeypatch, repo, "codec_decoder", build_codec_decoder=lambda cfg: Decoder())
+    plan = EngineConfig().chunk_plan   # warm-up: a first chunk and a steady one with context
+    assert calls == [(1, 10, plan.first_chunk_frames), (1, 10, plan.chunk_frames + plan.context_frames)]
+    assert MetricFamily.created[(metrics.WARMUP.name, (("model", "codec_decoder"),))].value > 0
+    calls.clear()
     codes = [np.full((1, 10, f), i) for i, f in enumerate((3, 5, 3, 7))]
     out = model.execute([Request({"CODES": c}) for c in codes])
     assert sorted(calls) == [(1, 10, 5), (1, 10, 7), (2, 10, 3)]

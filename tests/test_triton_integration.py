@@ -4,6 +4,7 @@ say CLI and the demo. One server for the module (restarted once, to show voices 
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import re
 import subprocess
@@ -26,7 +27,7 @@ from fish_s2.request import SamplingParams
 from fish_s2.serving import metrics
 from fish_s2.serving.demo import DEMO_TEXT
 from fish_s2.serving.repository import generate
-from fish_s2.serving.runtime import ReferenceEncoder
+from fish_s2.serving.runtime import ReferenceEncoder, memory_plan
 from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
 from fish_s2.request import ChunkPlan
 from fish_s2.streaming import decode_chunks
@@ -60,7 +61,8 @@ def client(deployment):
 def reference(tiny, deployment):
     """In-process: the audio the server should stream for (text, voice codes, seed, max_frames, plan)."""
     builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
-    engine = Engine(tiny.model, deployment[1].engine)
+    cfg = deployment[1]   # the engine block as dual_ar resolves it (slots derived from the memory)
+    engine = Engine(tiny.model, dataclasses.replace(cfg.engine, **memory_plan(cfg).engine_settings()))
 
     def run(text, seed, max_frames, plan=deployment[1].engine.chunk_plan, voice=None):
         prompt, prefix_len = builder.request(text, [] if voice is None else [voice])

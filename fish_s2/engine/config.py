@@ -13,10 +13,12 @@ from ..request import ChunkPlan, EngineRequest, InvalidArgument
 @dataclass(frozen=True)
 class EngineConfig:
     # scheduling and limits
-    max_active: int = 16                 # requests decoded together (= KV slots)
+    # max_active and max_frames may be None in serving.yaml: derived from the memory plan, see
+    # fish_s2.serving.config; an engine is always built with numbers
+    max_active: int | None = 16          # requests decoded together (= KV slots)
     max_queued: int = 64                 # waiting for a slot; beyond max_active + max_queued in flight: Busy
     max_prompt_tokens: int = 2048
-    max_frames: int = 1024               # per request (1024 frames = 47.6 s)
+    max_frames: int | None = 1024        # per request (1024 frames = 47.6 s)
     chunk_plan: ChunkPlan = ChunkPlan()  # the default plan of a request that names none
     cancel_check_ms: int = 20            # how often each request's is_cancelled is asked (0: every step)
     # the torch runner
@@ -34,6 +36,10 @@ class EngineConfig:
         return self.max_active + self.max_queued
 
     def validate(self, model_max_seq_len: int) -> "EngineConfig":
+        for name in ("max_active", "max_frames"):
+            if getattr(self, name) is None:
+                raise ValueError(f"engine.{name}: null (derived) must be resolved by the memory plan before an "
+                                 "engine is built (fish_s2.serving.runtime.start_dual_ar does)")
         for name in ("max_active", "max_queued", "max_prompt_tokens", "max_frames", "min_kv_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")

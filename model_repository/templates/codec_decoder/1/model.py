@@ -3,15 +3,16 @@
 Input CODES [codebooks, context + n] (int64) per request; output AUDIO [(context + n) * frame_length]
 float32 (the left-context samples are dropped by postprocess). Requests of equal length are decoded
 as one batch. Runtime ("torch" codec from the checkpoint, or "onnx" = ONNX Runtime) comes from the
-serving config.
+serving config. ``initialize`` decodes a chunk of each default size before Triton reports the model
+ready (warm-up time logged and exported as ``fish_s2_warmup_seconds{model="codec_decoder"}``).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fish_s2.serving import protocol
+from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
-from fish_s2.serving.runtime import build_codec_decoder, configure_threads
+from fish_s2.serving.runtime import build_codec_decoder, configure_threads, warm_up_codec
 
 
 class TritonPythonModel:
@@ -20,6 +21,9 @@ class TritonPythonModel:
         check_io(model_config, protocol.CODEC_INPUTS, protocol.CODEC_OUTPUTS)
         configure_threads(cfg)
         self.decoder = build_codec_decoder(cfg)
+        seconds = warm_up_codec(self.decoder, cfg)
+        pb_utils.Logger.log_info(f"codec_decoder: warm-up done in {seconds:.2f} s")
+        self._warmup_metric = metrics.set_gauges(pb_utils, [(metrics.WARMUP.name, {"model": "codec_decoder"}, seconds)])
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -8,6 +8,9 @@ frames, format code, start ns), REQUEST_ID. Every request ends with exactly one 
 empty at the end of speech, the frame limit or a stop (tts, which sends the stops, tells its client
 that the stream was cancelled), else carrying its typed error.
 
+``initialize`` plans the memory before loading any weight (logged, exported as metrics; settings that
+cannot fit are refused with the numbers), loads and warms the engine up, so Triton reports the model
+ready only once a request costs what later ones cost (:func:`fish_s2.serving.runtime.start_dual_ar`).
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
 sender (direct calls), and STOP requests from tts (ensembles do not pass cancellation to a running step).
@@ -20,11 +23,10 @@ import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
 from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
-from fish_s2.serving import protocol
+from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
-from fish_s2.serving.metrics import EngineMetrics
-from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side
+from fish_s2.serving.runtime import configure_threads, load_text_side, start_dual_ar
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -37,8 +39,12 @@ class TritonPythonModel:
             raise ValueError("dual_ar: config.pbtxt must set model_transaction_policy { decoupled: true }")
         check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
         configure_threads(self.cfg)
-        self.engine = build_engine(self.cfg)
-        self.metrics = EngineMetrics(pb_utils)
+        codec_batch = int(model_config["parameters"]["codec_max_batch"]["string_value"])
+        started = start_dual_ar(self.cfg, codec_batch, log=pb_utils.Logger.log_info)
+        self.engine = started.engine
+        self._startup_metrics = metrics.set_gauges(
+            pb_utils, started.plan.to_metrics() + [(metrics.WARMUP.name, {"model": "dual_ar"}, started.warmup_s)])
+        self.metrics = metrics.EngineMetrics(pb_utils)
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()

@@ -271,6 +271,7 @@ def requests(ck) -> dict:
 
 
 ENGINE = dict(max_active=8, max_queued=8, max_prompt_tokens=1024, max_frames=512)   # the self check's limits
+KV_BUDGET = {"free_gpu_memory_fraction": 0.2, "max_tokens": None}   # a tiny model sharing the GPU with this process
 
 
 def write_settings(path: Path, cuda_graphs: bool = True) -> Path:
@@ -281,7 +282,6 @@ def write_settings(path: Path, cuda_graphs: bool = True) -> Path:
     from fish_s2.trtllm.settings import DEFAULT_PATH
 
     data = yaml.safe_load(Path(DEFAULT_PATH).read_text())
-    data["kv_cache"]["free_gpu_memory_fraction"] = 0.2
     data["cuda_graph"] = {"batch_sizes": [1, 2, 4, 8], "enable_padding": True} if cuda_graphs else None
     path.write_text(yaml.safe_dump(data))
     return path
@@ -302,7 +302,7 @@ def trtllm_runs(ck, model_dir: Path, out: Path) -> dict:
     for mode in ("on", "off"):
         settings = load_trtllm_settings(write_settings(out / f"llm_api.graphs-{mode}.yaml", cuda_graphs=mode == "on"))
         settings = settings.validate(engine)
-        llm, sampling_cls = _default_llm_factory(model_dir, settings, engine, cfg)
+        llm, sampling_cls = _default_llm_factory(model_dir, settings, engine, cfg, KV_BUDGET)
         try:
             alone = {name: submit(llm, sampling_cls, cfg, *req).result() for name, req in reqs.items()}
             batch = {}

@@ -97,4 +97,5 @@ def test_selfcheck_settings_load(tmp_path, graphs):
 
     s = load_trtllm_settings(selfcheck.write_settings(tmp_path / "s.yaml", cuda_graphs=graphs))
     engine = EngineConfig(**selfcheck.ENGINE)
-    assert s.validate(engine).llm_kwargs(engine)["max_batch_size"] == 8 and (s.cuda_graph is not None) == graphs
+    kw = s.validate(engine).llm_kwargs(engine, selfcheck.KV_BUDGET)
+    assert kw["max_batch_size"] == 8 and (s.cuda_graph is not None) == graphs

@@ -107,7 +107,8 @@ class Relay:
                     self.stop(stream)
 
     def stop(self, stream: _Stream) -> None:
-        """Tell dual_ar to end the stream's engine request (its pipeline then ends with CANCELLED)."""
+        """Tell dual_ar to end the stream's engine request (its pipeline then ends plainly; :meth:`_run` tells
+        the client, if it is still there)."""
         stream.stop_sent = True
         pb = self.pb
         try:

@@ -123,8 +123,9 @@ class TritonServer:
 
     def __post_init__(self):
         self.admin_key = self.admin_key or os.environ.get("FISH_S2_ADMIN_KEY") or secrets.token_hex(16)
-        if self.tritonserver is None and shutil.which("tritonserver"):   # NVIDIA's container
-            self.tritonserver = Path(shutil.which("tritonserver"))
+        found = shutil.which("tritonserver")
+        if self.tritonserver is None and found:   # NVIDIA's container
+            self.tritonserver = Path(found)
 
     @property
     def pid(self) -> int | None:

@@ -78,6 +78,11 @@ class ChunkPlan:
         integer("chunk_frames", self.chunk_frames, 1, 1 << 16)
         integer("context_frames", self.context_frames, 0, 1 << 16)
 
+    @property
+    def longest_chunk(self) -> int:
+        """Frames in the longest chunk the codec decodes (context included)."""
+        return max(self.first_chunk_frames, self.chunk_frames) + self.context_frames
+
     def as_list(self) -> list[int]:
         return [self.first_chunk_frames, self.chunk_frames, self.context_frames]
 
@@ -128,7 +133,7 @@ class Limits:
     def check_plan(self, plan: ChunkPlan) -> ChunkPlan:
         for name in ("first_chunk_frames", "chunk_frames"):
             integer(name, getattr(plan, name), 1, self.max_frames)
-        longest = max(plan.first_chunk_frames, plan.chunk_frames) + plan.context_frames
+        longest = plan.longest_chunk
         if longest > self.max_chunk_frames:
             raise InvalidArgument("chunk_frames", f"a chunk of {longest} frames with its context exceeds the "
                                                   f"codec's limit of {self.max_chunk_frames}")

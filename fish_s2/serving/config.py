@@ -101,14 +101,13 @@ class ServingConfig:
     def plan_settings(self, codec_batch: int | None = None) -> mp.PlanSettings:
         """This deployment's memory-plan settings: its profile's, with the values set here (None stays
         derived); ``codec_batch``: the codec decoder's batch (config.pbtxt), None: the profile's."""
-        e, chunks = self.engine, self.engine.chunk_plan
+        e = self.engine
         return mp.settings_for(self.profile, device=self.device, runtime=self.runtime, dtype=self.dtype,
                                kv_memory_fraction=self.kv_memory_fraction, max_active=e.max_active,
                                max_prompt_tokens=e.max_prompt_tokens, max_frames=e.max_frames,
                                prefix_cache_bytes=e.prefix_cache_bytes, max_slots=self.max_slots,
                                codec_batch=codec_batch, reference_seconds=self.max_reference_seconds,
-                               codec_chunk_frames=max(chunks.first_chunk_frames, chunks.chunk_frames)
-                               + chunks.context_frames)
+                               codec_chunk_frames=e.chunk_plan.longest_chunk)
 
     def limits(self) -> Limits:
         """What a request may ask of this deployment (checked by preprocess)."""

@@ -66,20 +66,34 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """How a stream is cut: a small first chunk (time to first audio), then steady chunks, each
-    decoded with up to ``context_frames`` earlier frames of left context (dropped after decoding)."""
+    """How a stream is cut: a small first chunk (time to first audio), then steady chunks of
+    ``chunk_frames``, each decoded with up to ``context_frames`` earlier frames of left context (dropped
+    after decoding). With ``ramp`` the chunks in between double (4, 8, 16, then 25 frames), so the frames
+    still to make before each chunk are at most twice the audio already sent: a stream made at least
+    twice as fast as real time plays without gaps (without the ramp, 25 frames must be made while the
+    first 4 play: 6.25 times real time)."""
 
     first_chunk_frames: int = 4     # 4 frames = 186 ms of audio at 21.5 frames/s
     chunk_frames: int = 25
     context_frames: int = 25
+    ramp: bool = True
 
     def __post_init__(self):
         integer("first_chunk_frames", self.first_chunk_frames, 1, 1 << 16)
         integer("chunk_frames", self.chunk_frames, 1, 1 << 16)
         integer("context_frames", self.context_frames, 0, 1 << 16)
+        if not (isinstance(self.ramp, numbers.Integral) and self.ramp in (0, 1)):
+            raise InvalidArgument("ramp", f"expected true or false, got {self.ramp!r}")
+        object.__setattr__(self, "ramp", bool(self.ramp))
+
+    def frames(self, index: int) -> int:
+        """New frames in chunk ``index``."""
+        if index == 0:
+            return self.first_chunk_frames
+        return min(self.chunk_frames, self.first_chunk_frames << min(index, 16)) if self.ramp else self.chunk_frames
 
     def as_list(self) -> list[int]:
-        return [self.first_chunk_frames, self.chunk_frames, self.context_frames]
+        return [self.first_chunk_frames, self.chunk_frames, self.context_frames, int(self.ramp)]
 
 
 def new_request_id() -> str:

@@ -46,7 +46,7 @@ from fish_s2.codec import Codec, CodecConfig
 from fish_s2.config import S2_PRO_CONFIG_JSON, DualARConfig
 from fish_s2.dual_ar import DualAR
 from fish_s2.engine import Engine, EngineConfig
-from fish_s2.request import ChunkEvent, ChunkPlan, EngineRequest, Finished, Player, SamplingParams
+from fish_s2.request import ChunkEvent, EngineRequest, Finished, Player, SamplingParams
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import PRESETS
 
@@ -299,7 +299,7 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
             if isinstance(ev, ChunkEvent):
                 codec_loop.put(ev)
             elif isinstance(ev, Finished):
-                n_chunks[0] = _n_chunks(plan, ev.n_frames)
+                n_chunks[0] = len(plan.sizes(ev.n_frames))
                 if len(arrivals) == n_chunks[0]:
                     done.set()
 
@@ -323,15 +323,6 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
             "stream_frames": stream_frames, "ttfa_s": percentiles([r[0] for r in runs]),
             "playback_gap_s": percentiles([r[1] for r in runs]), "streams_with_gap": sum(r[1] > 0 for r in runs),
             "prefix_cache": engine.runner.prefix_cache.stats()}
-
-
-def _n_chunks(plan: ChunkPlan, n_frames: int) -> int:
-    """Chunks a stream of n_frames is cut into (the last one partial)."""
-    i = done = 0
-    while done < n_frames:
-        done += plan.frames(i)
-        i += 1
-    return i
 
 
 def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s: float, prompt_lens: tuple[int, int],
@@ -383,7 +374,7 @@ def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s:
             with lock:
                 info = live.get(ev.request_id)
                 if info is not None and ev.reason in ("stop", "length"):
-                    info["total"] = _n_chunks(engine.cfg.chunk_plan, ev.n_frames)
+                    info["total"] = len(engine.cfg.chunk_plan.sizes(ev.n_frames))
                     finish_if_done(ev.request_id, info)
                 elif info is not None:   # cancelled at the end (or failed): no whole stream to judge
                     del live[ev.request_id]

@@ -33,14 +33,14 @@ def test_chunker_sizes_and_context():
 
 def test_default_plan_ramps_up_with_left_context():
     plan = ChunkPlan()
-    assert [plan.frames(i) for i in range(6)] == [4, 8, 16, 25, 25, 25] and plan.as_list() == [4, 25, 25, 1]
+    assert [plan.frames(i) for i in range(8)] == [4, 6, 9, 14, 20, 25, 25, 25] and plan.as_list() == [4, 25, 25, 1]
     codes = np.arange(10 * 100).reshape(10, 100)
     chunks = _stream(codes, plan)
-    assert [c.n_frames for c in chunks] == [4, 8, 16, 25, 25, 22]
-    assert [c.context for c in chunks] == [0, 4, 12, 25, 25, 25]
+    assert [c.n_frames for c in chunks] == plan.sizes(100) == [4, 6, 9, 14, 20, 25, 22]
+    assert [c.context for c in chunks] == [0, 4, 10, 19, 25, 25, 25]
     assert np.array_equal(np.concatenate([c.codes[:, c.context:] for c in chunks], 1), codes)
     flat = ChunkPlan(ramp=False)
-    assert [flat.frames(i) for i in range(3)] == [4, 25, 25] and ChunkPlan(ramp=1) == plan
+    assert flat.sizes(60) == [4, 25, 25, 6] and ChunkPlan(ramp=1) == plan and plan.sizes(3) == [3]
     assert [ChunkPlan(first_chunk_frames=30).frames(i) for i in range(2)] == [30, 25]
     with pytest.raises(InvalidArgument, match="^ramp:"):
         ChunkPlan(ramp=2)
@@ -87,7 +87,7 @@ def test_ramp_plays_without_gaps_at_measured_step_times(tiny):
         engine.step()
         times.append(time.perf_counter() - t)
         t = time.perf_counter()
-    tiny_ok = statistics.median(times) < frame_s / 3   # the ramp needs >= 2x real time (a busy machine may not be)
+    tiny_ok = statistics.median(times) < frame_s / 2   # the ramp needs <= 0.67 of real time (a busy machine may not)
     measured = {"h200_b1": ([0.0141] * 120, 0.102, 0.03), "h200_b64": ([0.0194] * 120, 0.102, 0.03),
                 **({"tiny": (times[1:], times[0], 0.01)} if tiny_ok else {})}
     for name, (steps, first, decode) in measured.items():

@@ -6,8 +6,8 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
   * decode: step time at batch 1 and 64 as CUDA graphs of the eager step ("graph") and of the
     torch.compile'd step ("compiled", engine.compile: on), side by side, with the bytes the step reads
     (weights + KV at the bucket it reads) as a share of the measured copy bandwidth, and the time the
-    first call of each bucket took (capture, and compile for "compiled");
-  * kv: the same at batch 64 with the rows at KV lengths 1k and 2k;
+    bucket's capture (and compile, for "compiled") took (build_s: every bucket built);
+  * kv: the same at batch 64 with the rows at KV lengths 1k and 2k (compiled: last, within --budget-s);
   * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
     step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
   * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
@@ -23,6 +23,7 @@ one H200 (compile time is the unknown). ``--dry-run`` runs every section on the 
 geometry, compile included (one bucket: shapes, bookkeeping, no speed).
 
     python perf/gpu_bench.py [--out perf/results] [--dry-run]
+    FISH_S2_GIT_COMMIT=<hash> python perf/gpu_bench.py      # in a copy of the tree without .git
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
+import os
 import queue
 import re
 import subprocess
@@ -88,11 +91,12 @@ def env_info(device: torch.device) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
 
+    commit = run("git", "rev-parse", "HEAD")   # a copy without .git: pass FISH_S2_GIT_COMMIT
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if device.type == "cuda"
-            else None, "git_commit": run("git", "rev-parse", "HEAD"),
-            "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no"))}
+            else None, "git_commit": commit or os.environ.get("FISH_S2_GIT_COMMIT"),
+            "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
@@ -465,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     kv = decode_rows(engine, base, [max(batches)] * len(kv_lens), kv_lens, args.prompt_len, args.steps, copy_bw)
     prof = {base: profile(engine, batches, args.prompt_len)}
     del engine
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -3,8 +3,9 @@
 For each concurrency level, `c` workers keep one request each in flight (closed loop) for a fixed
 number of requests or a duration, after an untimed warm-up. Per level it reports time to first
 audio, time to the second chunk and total latency (p50/p90/p99), per-request real-time factor,
-aggregate audio-seconds per second, requests per second and errors, and the change of Triton's own
-inference statistics over the level. Two prompt modes:
+aggregate audio-seconds per second, requests per second and errors, the playback gap (how long a
+real-time player that starts at the first chunk waits for late chunks, per stream) and the change
+of Triton's own inference statistics over the level. Two prompt modes:
 
   unique  every request brings its own reference voice (audio + text), so no prefix is reused
           (the fair mode against prefix caching: each request pays reference encoding + prefill);
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_s2.client import AsyncTTSClient, TTSClient
-from fish_s2.request import RequestError
+from fish_s2.request import Player, RequestError
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 SHARED_VOICE = "loadgen-shared"
@@ -44,6 +45,7 @@ class Sample:
     second: float | None = None
     total: float | None = None
     audio_s: float = 0.0
+    gap: float = 0.0          # playback gap of the stream (seconds)
     error: str | None = None
 
     @property
@@ -72,7 +74,7 @@ def reference_voice(i: int, sample_rate: int = 24000, seconds: float = 3.0) -> t
 async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample:
     t0 = time.perf_counter()
     s = Sample(ok=False)
-    n, samples, rate = 0, 0, 1
+    n, samples, rate, player = 0, 0, 1, Player()
     try:
         async for chunk in client.stream(text, **fields):
             dt = time.perf_counter() - t0
@@ -83,8 +85,10 @@ async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample
             n += 1
             samples += chunk.audio.size
             rate = chunk.sample_rate
+            player.add(dt, chunk.audio.size / rate)
         s.total = time.perf_counter() - t0
         s.audio_s = samples / rate
+        s.gap = player.gap
         s.ok = n > 0
         if not s.ok:
             s.error = "no audio"
@@ -158,7 +162,8 @@ def summarize(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "requests_per_s": len(ok) / wall, "audio_s_per_s": audio / wall, "audio_s": audio,
             "ttfa_s": percentiles([s.first for s in ok]),
             "second_chunk_s": percentiles([s.second for s in ok if s.second is not None]),
-            "total_s": percentiles([s.total for s in ok]), "rtf": percentiles([s.rtf for s in ok if s.rtf])}
+            "total_s": percentiles([s.total for s in ok]), "rtf": percentiles([s.rtf for s in ok if s.rtf]),
+            "playback_gap_s": percentiles([s.gap for s in ok]), "streams_with_gap": sum(s.gap > 0 for s in ok)}
 
 
 def markdown(result: dict) -> str:
@@ -168,12 +173,14 @@ def markdown(result: dict) -> str:
     lines = [f"# Load sweep: {result['tag']} ({result['mode']} voice)\n", f"Command: `{result['command']}`  ",
              f"Server: {result['url']}, client machine: {result['machine']}\n",
              "| concurrency | requests | errors | TTFA p50/p90/p99 ms | 2nd chunk p50/p90 ms | total p50/p99 ms "
-             "| RTF p50 | audio-s/s | req/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| RTF p50 | playback gap p50/p90 ms (streams with a gap) | audio-s/s | req/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
-        t, s2, tot, r = lv["ttfa_s"], lv["second_chunk_s"], lv["total_s"], lv["rtf"]
+        t, s2, tot, r, g = lv["ttfa_s"], lv["second_chunk_s"], lv["total_s"], lv["rtf"], lv["playback_gap_s"]
         rtf = "-" if r["p50"] is None else f"{r['p50']:.2f}"
         lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {ms(t, 'p50')}/{ms(t, 'p90')}/"
                      f"{ms(t, 'p99')} | {ms(s2, 'p50')}/{ms(s2, 'p90')} | {ms(tot, 'p50')}/{ms(tot, 'p99')} | {rtf} | "
+                     f"{ms(g, 'p50')}/{ms(g, 'p90')} ({lv['streams_with_gap']}) | "
                      f"{lv['audio_s_per_s']:.2f} | {lv['requests_per_s']:.2f} |")
     base = result["levels"][0]["audio_s_per_s"]
     if base:

@@ -115,6 +115,7 @@ def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
     for lv in levels:
         assert lv["requests"] == 6 and 0 < lv["ttfa_s"]["p50"] <= lv["total_s"]["p50"]
         assert lv["audio_s_per_s"] > 0 and lv["triton_stats_delta"]["tts"]["success"] >= 6
+        assert lv["playback_gap_s"]["n"] == 6 and 0 <= lv["streams_with_gap"] <= 6
     binary = install(tmp_path / "bin")
     texts = [t for t in loadgen.CORPUS.read_text().splitlines() if t.strip()]
     pa = perf_analyzer_sweep.run(server.grpc_url, [1], texts, loadgen.SHARED_VOICE, 24, 6, binary=binary)

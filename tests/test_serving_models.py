@@ -355,6 +355,34 @@ def test_postprocess_trims_context_and_formats(monkeypatch, repo):
     assert len(MetricFamily.created[metrics.TTFA.name].observed) == 1    # chunk 0 only
 
 
+def test_postprocess_observes_playback_gaps(monkeypatch, repo):
+    """A player per stream from its chunk 0: a chunk that arrives after the audio before it has played out
+    is a gap (its wait observed); a stream whose earlier chunks went elsewhere is not followed; idle ones
+    are forgotten."""
+    clock = {"t": 100.0}
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock["t"], monotonic_ns=lambda: int(clock["t"] * 1e9))
+    model = _load(monkeypatch, repo, "postprocess", time=fake_time)
+    chunk_s = 4 * model.frame_length / model.sample_rate
+
+    A, B, C = (new_request_id() for _ in range(3))
+
+    def send(rid: str, index: int, at: float) -> None:
+        clock["t"] = at
+        model.execute([Request({"DECODED": np.zeros(4 * model.frame_length, np.float32),
+                                "CHUNK_META": p.ChunkMeta(index, 0, 0, 0).pack(),
+                                "REQUEST_ID": np.array([rid.encode()], dtype=object)})])
+
+    send(A, 0, 100.0)                            # plays until 100 + chunk_s
+    send(B, 1, 100.0)                            # b's chunk 0 passed another instance: not followed
+    send(A, 1, 100.0 + chunk_s / 2)              # in time
+    send(A, 2, 100.0 + 2 * chunk_s + 0.3)        # 0.3 s after the audio ran out
+    gaps = MetricFamily.created[metrics.PLAYBACK_GAP.name]
+    assert gaps.observed == [pytest.approx(0.3)] and gaps.buckets == list(metrics.PLAYBACK_GAP.buckets)
+    assert set(model.players) == {A}
+    send(C, 0, 1000.0)                           # a has been idle for longer than STALE_S: forgotten
+    assert set(model.players) == {C} and len(MetricFamily.created[metrics.TTFA.name].observed) == 2
+
+
 def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
     calls = []
 

@@ -100,7 +100,7 @@ GENERATE_INPUTS = (
     _s("TOP_K", np.int32, optional=True),
     _s("SEED", np.int64, optional=True),
     _s("MAX_FRAMES", np.int32, optional=True),
-    _s("CHUNK_PLAN", np.int32, (3,), optional=True),     # ChunkPlan.as_list()
+    _s("CHUNK_PLAN", np.int32, (len(ChunkPlan().as_list()),), optional=True),     # ChunkPlan.as_list()
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
 )
@@ -301,7 +301,7 @@ def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
     plan = limits.check_plan(ChunkPlan(
         first_chunk_frames=value("FIRST_CHUNK_FRAMES", limits.chunk_plan.first_chunk_frames),
         chunk_frames=value("CHUNK_FRAMES", limits.chunk_plan.chunk_frames),
-        context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames)))
+        context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames), ramp=limits.chunk_plan.ramp))
     max_frames = limits.check_frames(value("MAX_FRAMES", limits.max_frames))
     sample_format = value("SAMPLE_FORMAT", SAMPLE_FORMATS[0])
     if sample_format not in SAMPLE_FORMATS:
@@ -393,9 +393,9 @@ def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
         raise InvalidArgument("prompt", f"expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
     scalars = {s.name: _one(get, s, required=True) for s in GENERATE_INPUTS if s.dims == (1,)}
     plan = get("CHUNK_PLAN")
-    if plan is None or plan.size != 3 or plan.dtype.kind not in "iu":
+    if plan is None or plan.size != len(ChunkPlan().as_list()) or plan.dtype.kind not in "iu":
         raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} integers [first_chunk_frames, "
-                                            f"chunk_frames, context_frames], got "
+                                            f"chunk_frames, context_frames, ramp], got "
                                             f"{None if plan is None else list(plan.shape)}")
     integer("format_code", scalars["FORMAT_CODE"], 0, len(SAMPLE_FORMATS) - 1)
     return GenerateRequest(

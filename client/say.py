@@ -1,6 +1,7 @@
 """say: stream speech from the Triton ``tts`` model into a WAV file, and manage voices.
 
     python client/say.py "Hello there." -o out.wav [--voice ID | --reference-audio A.wav --reference-text T]
+    python client/say.py "<|speaker:0|>Hi! <|speaker:1|>Hello." -o out.wav --voice alice --voice bob
     python client/say.py voices add ID --reference-audio A.wav --reference-text "Transcript."
     python client/say.py voices list
     python client/say.py voices delete ID
@@ -26,14 +27,16 @@ def _say_parser() -> argparse.ArgumentParser:
     ap.add_argument("text")
     ap.add_argument("-o", "--output", required=True, help="WAV file to write")
     voice = ap.add_mutually_exclusive_group()
-    voice.add_argument("--voice", help="a registered voice id")
+    voice.add_argument("--voice", action="append", help="a registered voice id; repeat for a dialogue: the i-th "
+                                                        "speaks the text's <|speaker:i|> turns")
     voice.add_argument("--reference-audio", help="reference recording for a one-off voice")
     ap.add_argument("--reference-text", help="transcript of --reference-audio")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--max-frames", type=int)
+    ap.add_argument("--max-frames", type=int, help="frame limit per speaker-turn batch")
+    ap.add_argument("--chunk-length", type=int, help="UTF-8 bytes of speaker turns per batch (server default 200)")
     ap.add_argument("--format", choices=SAMPLE_FORMATS, default="float32", help="sample format on the wire")
     ap.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
     return ap
@@ -57,7 +60,7 @@ def _say(args: argparse.Namespace, client: TTSClient) -> None:
     if (args.reference_audio is None) != (args.reference_text is None):
         raise ValueError("--reference-audio and --reference-text: give both or neither")
     fields = dict(voice_id=args.voice, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  seed=args.seed, max_frames=args.max_frames, sample_format=args.format)
+                  seed=args.seed, max_frames=args.max_frames, sample_format=args.format, chunk_length=args.chunk_length)
     if args.reference_audio is not None:
         audio, rate = read_audio(args.reference_audio)
         fields.update(reference_audio=audio, reference_sample_rate=rate, reference_text=args.reference_text)

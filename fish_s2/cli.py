@@ -21,8 +21,9 @@ def _synthesize(args: argparse.Namespace) -> None:
 
     if not args.text.strip():
         raise ValueError("--text: must not be empty")
-    if (args.reference_audio is None) != (args.reference_text is None):
-        raise ValueError("--reference-audio and --reference-text: give both or neither")
+    if len(args.reference_audio) != len(args.reference_text):
+        raise ValueError(f"--reference-audio and --reference-text: one transcript per recording, got "
+                         f"{len(args.reference_audio)} and {len(args.reference_text)}")
     if args.max_frames < 1:
         raise ValueError(f"--max-frames: must be >= 1, got {args.max_frames}")
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -32,10 +33,8 @@ def _synthesize(args: argparse.Namespace) -> None:
         raise ValueError(f"--checkpoint: {ckdir} is not a directory")
     t0 = time.perf_counter()
     ck = S2Checkpoint.load(ckdir, dtype=args.dtype, device=args.device)
-    refs = []
-    if args.reference_audio is not None:
-        samples = read_audio(args.reference_audio, ck.codec.sample_rate)
-        refs.append(Reference(args.reference_text, encode_reference(ck, samples)))
+    refs = [Reference(text, encode_reference(ck, read_audio(path, ck.codec.sample_rate)))
+            for path, text in zip(args.reference_audio, args.reference_text)]
     with tqdm(total=args.max_frames, unit="frame", desc="generating", disable=args.quiet) as bar:
         audio, codes = synthesize(ck, args.text, refs, params, args.max_frames, args.chunk_length,
                                   on_frame=lambda i: bar.update(1))
@@ -95,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthesize", help="text (+ reference voice) to a WAV file, in-process")
     s.add_argument("--checkpoint", required=True, help="S2 checkpoint directory (upstream format)")
     s.add_argument("--text", required=True)
-    s.add_argument("--reference-audio", help="reference voice recording (any common format and rate)")
-    s.add_argument("--reference-text", help="transcript of the reference recording")
+    s.add_argument("--reference-audio", action="append", default=[],
+                   help="reference voice recording (any common format and rate); repeat for a dialogue: the i-th "
+                        "speaks the text's <|speaker:i|> turns")
+    s.add_argument("--reference-text", action="append", default=[],
+                   help="transcript of the reference recording (one per --reference-audio, in order)")
     s.add_argument("-o", "--output", required=True, help="output WAV path")
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-p", type=float, default=0.8)

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .dual_ar import DualAR, FrameRecord, decode_frame
-from .prompt import PromptBuilder, Reference, text_batches
+from .prompt import PromptBuilder, Reference
+from .request.dialogue import text_batches
 from .request import SamplingParams
 from .sampling import BatchSampling, empty_window, seed_to_key
 

@@ -16,19 +16,17 @@ callers). The system block depends only on the voice, which is what makes it a c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .request.dialogue import SPEAKER_TAG
 from .tokenizer import IM_END, IM_START, VOICE, S2Tokenizer
 
-SPEAKER_TAG = re.compile(r"<\|speaker:\d+\|>")
 REFERENCE_INTRO = "convert the provided text to speech reference to the following:\n\nText:\n"
 REFERENCE_SPEECH = "\n\nSpeech:\n"
 NO_REFERENCE = "convert the provided text to speech"
-MAX_TURNS_PER_BATCH = 5
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,20 @@ class Reference:
 
     text: str
     codes: Tensor
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A request's prompt split into upstream's turn batches (see :meth:`PromptBuilder.dialogue`)."""
+
+    prompt: Tensor                 # [rows, T]: system block, first batch's user turn, assistant start
+    prefix_len: int                # the system block: the cacheable voice prefix (every voice, in order)
+    turns: tuple[Tensor, ...]      # [rows, t] per later batch
+    batches: tuple[str, ...]       # each batch's text
+
+    @property
+    def n_tokens(self) -> int:
+        return self.prompt.shape[1] + sum(t.shape[1] for t in self.turns)
 
 
 class PromptBuilder:
@@ -83,35 +95,16 @@ class PromptBuilder:
         system = self.system(references)
         return torch.cat([system, self.user(text), self.assistant_start()], dim=1), system.shape[1]
 
+    def dialogue(self, batches: list[str], references: list[Reference]) -> "Dialogue":
+        """One request for a text's turn batches (:func:`~fish_s2.request.dialogue.text_batches`): the first
+        batch's prompt and, for each later batch, the segment appended when the batch before it ends (its
+        ``<|im_end|>``, the next user turn, the next assistant start). The first batch's prompt, its fed
+        frames, then the segment, are token for token upstream ``generate_long``'s re-built history."""
+        prompt, prefix_len = self.request(batches[0], references)
+        turns = tuple(torch.cat([self.text(f"{IM_END}\n"), self.user(b), self.assistant_start()], dim=1)
+                      for b in batches[1:])
+        return Dialogue(prompt, prefix_len, turns, tuple(batches))
+
     def assistant_turn(self, codes: Tensor) -> Tensor:
         """A finished assistant turn (earlier batch's codes), kept as history for the next batch."""
         return torch.cat([self.assistant_start(), self.codes(codes), self.text(f"{IM_END}\n")], dim=1)
-
-
-def split_turns(text: str) -> list[str]:
-    """Split on ``<|speaker:N|>`` tags; each turn starts with its tag. Text before the first tag is dropped
-    (as upstream); no tag at all gives no turns."""
-    parts = re.split(f"({SPEAKER_TAG.pattern})", text)
-    turns = []
-    for i, part in enumerate(parts):
-        if SPEAKER_TAG.fullmatch(part.strip()):
-            turns.append((part.strip() + (parts[i + 1] if i + 1 < len(parts) else "")).strip())
-    return turns
-
-
-def text_batches(text: str, chunk_length: int, max_turns: int = MAX_TURNS_PER_BATCH) -> list[str]:
-    """Group speaker turns into generation batches of at most ``max_turns`` turns and ``chunk_length``
-    UTF-8 bytes (a single longer turn stays whole). Text without speaker tags is one batch, verbatim."""
-    turns = split_turns(text)
-    if not turns:
-        return [text]
-    batches, current, size = [], [], 0
-    for turn in turns:
-        n = len(turn.encode("utf-8"))
-        if current and (len(current) >= max_turns or size + n > chunk_length):
-            batches.append("\n".join(current))
-            current, size = [], 0
-        current.append(turn)
-        size += n
-    batches.append("\n".join(current))
-    return batches

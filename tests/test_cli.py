@@ -26,6 +26,26 @@ def test_synthesize_with_a_reference_voice(tiny_checkpoint, tmp_path):
     assert 1 <= frames <= 11 and len(audio) == frames * 2048
 
 
+def test_synthesize_a_dialogue_with_two_reference_voices(tiny_checkpoint, tmp_path):
+    refs = []
+    for i, hz in enumerate((180, 300)):
+        refs.append(tmp_path / f"ref{i}.wav")
+        sf.write(refs[-1], 0.3 * np.sin(2 * np.pi * hz * np.arange(22050) / 22050).astype(np.float32), 22050)
+    out = tmp_path / "dialogue.wav"
+    text = "<|speaker:0|>" + "Good morning to you. " * 4 + "<|speaker:1|>" + "And to you as well. " * 4
+    proc = _run("synthesize", "--checkpoint", str(tiny_checkpoint), "--text", text, "--chunk-length", "100",
+                "--reference-audio", str(refs[0]), "--reference-text", "First voice.",
+                "--reference-audio", str(refs[1]), "--reference-text", "Second voice.",
+                "-o", str(out), "--max-frames", "6", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    frames = int(proc.stdout.split("wrote")[1].split(":")[1].split("frames")[0])
+    assert 2 <= frames <= 10 and sf.read(out)[0].size == frames * 2048    # two batches of at most 5 codes each
+    mismatch = _run("synthesize", "--checkpoint", str(tiny_checkpoint), "--text", text,
+                    "--reference-audio", str(refs[0]), "--reference-text", "a", "--reference-audio", str(refs[1]),
+                    "-o", str(out))
+    assert "one transcript per recording" in _error(mismatch)
+
+
 def _error(proc):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

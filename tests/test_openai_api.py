@@ -32,7 +32,16 @@ def test_voice_and_extensions_reach_the_client():
                       "max_frames": 99}
 
 
+def test_dialogue_voices_extension():
+    _, _, _, fields = parse_request(body(input="<|speaker:0|>Hi. <|speaker:1|>Hey.", voices=["alice", "bob"],
+                                         chunk_length=150), DEFAULT_MODEL)
+    assert fields["voice_id"] == ["alice", "bob"] and fields["chunk_length"] == 150
+    assert protocol.tts_inputs("x", **fields)["VOICE_ID"].tolist() == [b"alice", b"bob"]
+
+
 @pytest.mark.parametrize("kw,field", [
+    ({"voices": []}, "voices"), ({"voices": "alice"}, "voices"), ({"voices": ["a", 3]}, "voices"),
+    ({"voices": ["a"], "voice": "b"}, "voices"), ({"chunk_length": 2 ** 40}, "chunk_length"),
     ({"speed": 1.5}, "speed"), ({"response_format": "mp3"}, "response_format"), ({"input": 3}, "input"),
     ({"model": "tts-1"}, "model"), ({"instructions": "be happy"}, "instructions"), ({"stream": "yes"}, "stream"),
     ({"voice": ""}, "voice"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fish_s2.prompt import PromptBuilder, Reference, split_turns, text_batches
+from fish_s2.prompt import PromptBuilder, Reference
+from fish_s2.request.dialogue import split_turns, text_batches
 
 
 def test_split_turns_keeps_tags_and_drops_untagged_prefix():

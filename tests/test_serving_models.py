@@ -198,7 +198,7 @@ def _load(monkeypatch, repo, model, pb=None, **patches):
 
 
 def _generate_inputs(fmt="int16", start_ns=42, rows=11, request_id=None):
-    req = p.TTSRequest("x", None, None, p.SamplingParams(seed=3), 20, p.ChunkPlan(2, 3, 1), fmt)
+    req = p.TTSRequest("x", ("x",), (), None, p.SamplingParams(seed=3), 20, p.ChunkPlan(2, 3, 1), fmt)
     return {**p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns),
             "REQUEST_ID": np.array([(request_id or new_request_id()).encode()], dtype=object)}
 

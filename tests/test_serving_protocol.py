@@ -23,7 +23,8 @@ def test_defaults_are_filled_from_one_place():
     req = _parse()
     assert req.params == SamplingParams()
     assert req.max_frames == LIMITS.max_frames and req.chunk_plan == LIMITS.chunk_plan
-    assert req.sample_format == "float32" and req.voice_id is None and req.reference is None
+    assert req.sample_format == "float32" and req.voice_ids == () and req.reference is None
+    assert req.batches == ("Hello.",)
 
 
 def test_client_fields_reach_the_request():
@@ -104,6 +105,55 @@ def test_generate_tensors_round_trip():
     assert np.float32(gen.params.top_p) == np.float32(req.params.top_p) and gen.params.seed == 7
     assert gen.max_frames == 9 and gen.chunk_plan == req.chunk_plan
     assert p.SAMPLE_FORMATS[gen.format_code] == "int16"
+
+
+DIALOGUE_LIMITS = p.Limits(max_text_bytes=4096, max_frames=100, max_reference_seconds=2.0, chunk_plan=ChunkPlan(),
+                           max_voices=3, max_turns=6)
+TWO = "<|speaker:0|>Hello there, how are you today? <|speaker:1|>Fine, thanks. <|speaker:0|>Good to hear."
+
+
+def _dialogue(text=TWO, **fields):
+    return p.parse_tts_request(_get(p.tts_inputs(text, **fields)), DIALOGUE_LIMITS)
+
+
+def test_several_voices_and_speaker_turns():
+    req = _dialogue(voice_id=["alice", "bob"])
+    assert req.voice_ids == ("alice", "bob") and req.batches == (TWO.replace(" <|", "\n<|"),)   # 73 bytes: one batch
+    long = " ".join(f"<|speaker:{i % 2}|>" + "word " * 12 for i in range(4))
+    req = _dialogue(long, voice_id=["alice", "bob"], chunk_length=150)
+    assert len(req.batches) == 2 and all(b.startswith("<|speaker:") for b in req.batches)
+    assert _dialogue(voice_id="alice", text="No tags at all.").batches == ("No tags at all.",)
+    assert _dialogue().batches   # no voices: the model picks the speakers, as upstream
+
+
+@pytest.mark.parametrize("text, fields, field, words", [
+    ("<|speaker:2|>Who am I?", dict(voice_id=["a", "b"]), "text", "names speaker 2"),
+    ("<|speaker:1|>Hi.", dict(voice_id="a"), "text", "names speaker 1"),
+    ("Hi.", dict(voice_id=["a", "b", "c", "d"]), "voice_id", "4 voices, the limit is 3"),
+    ("<|speaker:0|>Hi. <|speaker:1|>  <|speaker:0|>Bye.", dict(voice_id=["a", "b"]), "text", "turn 1 .* is empty"),
+    ("Intro. <|speaker:0|>Hi.", dict(), "text", "before the first speaker tag"),
+    ("<|speaker:0|>x " * 7, dict(), "text", "7 speaker turns, the limit is 6"),
+    (TWO, dict(chunk_length=99), "chunk_length", "must be in"),
+    (TWO, dict(voice_id=[]), "voice_id", "one or more"),
+    (TWO, dict(voice_id=["a", "../b"]), "voice_id", "must match"),
+])
+def test_bad_dialogues_are_named(text, fields, field, words):
+    with pytest.raises(InvalidArgument, match=f"^{field}: .*{words}"):
+        _dialogue(text, **fields)
+
+
+def test_dialogue_segments_travel_to_dual_ar():
+    req = _dialogue()
+    prompt, turns = np.ones((11, 5), np.int64), (np.full((11, 3), 2, np.int64), np.full((11, 4), 3, np.int64))
+    tensors = p.generate_tensors(prompt, 2, req, 0, turns)
+    assert tensors["TURN_STARTS"].tolist() == [5, 8] and tensors["PROMPT"].shape == (11, 12)
+    gen = p.parse_generate_request(_get({**tensors, **p.stop_tensors(new_request_id()), "STOP": np.array([False])}))
+    assert np.array_equal(gen.prompt, prompt) and len(gen.turns) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(gen.turns, turns))
+    for bad in ([0], [5, 5], [8, 5], [12], [-1]):
+        tensors["TURN_STARTS"] = np.array(bad, np.int32)
+        with pytest.raises(InvalidArgument, match="^turn_starts:"):
+            p.parse_generate_request(_get({**tensors, **p.stop_tensors(new_request_id()), "STOP": np.array([False])}))
 
 
 def test_stop_requests():

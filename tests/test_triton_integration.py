@@ -30,6 +30,7 @@ from fish_s2.serving.repository import generate
 from fish_s2.serving.runtime import ReferenceEncoder, memory_plan
 from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
 from fish_s2.request import ChunkPlan
+from fish_s2.request.dialogue import text_batches
 from fish_s2.streaming import decode_chunks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,48 @@ def test_voice_register_use_list_delete(client, deployment, reference):
     client.register_voice("bob", audio, rate, "Bob's reference.")   # kept for the restart test
 
 
+DIALOGUE = ("<|speaker:0|>Good morning! Did the storm keep you awake last night as well? "
+            "<|speaker:1|>It did, the windows rattled for hours and the cat hid under the bed. "
+            "<|speaker:0|>Then we both need a strong coffee before the meeting starts. "
+            "<|speaker:1|>Agreed. I will make it, you find the slides.")
+
+
+def test_two_voice_dialogue_streams_as_one_request(client, deployment, tiny):
+    """4 turns in 2 batches (chunk_length 160): one stream equal to the in-process engine's, contiguous chunk
+    indices across the batch boundary, and the second batch prefilled from its new tokens only."""
+    server, cfg = deployment
+    rate, t = 16000, np.arange(16000, dtype=np.float32) / 16000
+    voices = {}
+    for name, hz in (("dlg_a", 150), ("dlg_b", 260)):
+        audio = (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+        client.register_voice(name, audio, rate, f"This is voice {name}.")
+        voices[name] = Reference(f"This is voice {name}.", torch.from_numpy(ReferenceEncoder(cfg)(audio, rate)))
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    dialogue = builder.dialogue(text_batches(DIALOGUE, 160), list(voices.values()))
+    assert len(dialogue.turns) == 1 and dialogue.batches[1].count("<|speaker:") == 2
+    engine = Engine(tiny.model, dataclasses.replace(cfg.engine, **memory_plan(cfg).engine_settings()))
+    handle = engine.submit(EngineRequest(dialogue.prompt, SamplingParams(seed=21), max_frames=9, chunk_plan=PLAN,
+                                         prefix_len=dialogue.prefix_len, turns=dialogue.turns))
+    while engine.rows or engine.stats()["queued"]:
+        engine.step()
+    expected_chunks, done = collect(handle)
+    expected = np.concatenate(decode_chunks(tiny.codec, expected_chunks))
+
+    prefill_before = _metric(_metrics(server), metrics.PREFILL.name)
+    fields = dict(voice_id=list(voices), seed=21, max_frames=9, chunk_length=160, first_chunk_frames=PLAN.first_chunk_frames,
+                  chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames)
+    chunks = list(client.stream(DIALOGUE, **fields))
+    assert [c.index for c in chunks] == list(range(len(chunks))) == [c.index for c in expected_chunks]
+    audio = np.concatenate([c.audio for c in chunks])
+    assert audio.size == done.n_frames * tiny.codec.frame_length == 17 * tiny.codec.frame_length  # 8 + 9 frames
+    assert np.allclose(audio, expected, atol=1e-4), np.abs(audio - expected).max()
+    assert _metric(_metrics(server), metrics.PREFILL.name) - prefill_before == dialogue.n_tokens
+    client.synthesize(DIALOGUE, **fields)          # again: both voices' system block comes from the prefix cache
+    assert _metric(_metrics(server), metrics.PREFILL.name) - prefill_before == 2 * dialogue.n_tokens - dialogue.prefix_len
+    for name in voices:
+        client.delete_voice(name)
+
+
 def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
     server = deployment[0]
     frames_before = _metric(_metrics(server), metrics.FRAMES.name)
@@ -193,6 +236,10 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
     (dict(reference_audio=np.zeros(100, np.float32), reference_sample_rate=16000), "reference_text"),
     (dict(reference_audio=np.zeros(100, np.float32), reference_sample_rate=100, reference_text="t"),
      "reference_sample_rate"),
+    (dict(text="<|speaker:0|>Hi. <|speaker:2|>Who?", voice_id=["v0", "v1"]), "text"),    # a speaker with no voice
+    (dict(voice_id=["v0", "v1", "v2", "v3", "v4"]), "voice_id"),                       # more than max_voices
+    (dict(text="<|speaker:0|>Hi. <|speaker:1|>  "), "text"),                           # an empty turn
+    (dict(text="<|speaker:0|>Hi.", chunk_length=5), "chunk_length"),
 ])
 def test_bad_input_is_named_and_the_server_stays_healthy(client, deployment, fields, field):
     text = fields.pop("text", "Valid text.")
@@ -237,6 +284,11 @@ def test_voices_survive_a_restart_and_the_say_cli(deployment, tmp_path):
     bad = subprocess.run(say + ["Hi.", "--voice", "../x", "-o", str(out), "--url", server.grpc_url],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "voice_id: must match" in bad.stderr
+    dialogue = subprocess.run(say + ["<|speaker:0|>Hello from Bob. <|speaker:1|>And from Bob again.", "--voice", "bob",
+                                     "--voice", "bob", "--max-frames", "5", "-o", str(out), "--url", server.grpc_url],
+                              capture_output=True, text=True)
+    assert dialogue.returncode == 0, dialogue.stderr
+    assert sf.read(out)[0].size == 5 * 2048          # one batch (two short turns): one stream
     refused = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
                              capture_output=True, text=True)         # no admin key: refused
     assert refused.returncode == 1 and "admin_key: missing or wrong" in refused.stderr

@@ -63,25 +63,33 @@ class EngineConfig:
 
 
 def check_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig) -> None:
-    """What every engine checks before it takes a request, to protect its memory: the prompt's shape
-    and values against the model (on a GPU an out-of-range id is a device-side assert that kills the
-    process) and lengths against its buffers. Everything else was validated where the request was built."""
-    rows = model_cfg.frame_rows
-    try:
-        p = np.asarray(req.prompt)
-    except (TypeError, ValueError, RuntimeError):
-        p = None
-    if p is None or p.ndim != 2 or p.shape[0] != rows or p.dtype.kind not in "iu":
-        raise InvalidArgument("prompt", f"expected an integer array [{rows}, T], got "
-                                        f"{getattr(req.prompt, 'dtype', type(req.prompt))} "
-                                        f"{list(getattr(req.prompt, 'shape', []))}")
-    if not 1 <= p.shape[1] <= cfg.max_prompt_tokens:
-        raise InvalidArgument("prompt", f"{p.shape[1]} tokens, the limit is max_prompt_tokens={cfg.max_prompt_tokens}")
-    if p[0].min() < 0 or p[0].max() >= model_cfg.vocab_size:
-        raise InvalidArgument("prompt", f"token ids must be in [0, {model_cfg.vocab_size})")
-    if p[1:].min() < 0 or p[1:].max() >= model_cfg.codebook_size:
-        raise InvalidArgument("prompt", f"codes must be in [0, {model_cfg.codebook_size})")
+    """What every engine checks before it takes a request, to protect its memory: the prompt's (and a
+    dialogue's later segments') shape and values against the model (on a GPU an out-of-range id is a
+    device-side assert that kills the process) and lengths against its buffers: the prompt tokens of
+    the whole request within max_prompt_tokens and its frames within max_frames, so a dialogue's KV fits
+    its slot from the start. Everything else was validated where the request was built."""
+    p = _check_tokens("prompt", req.prompt, model_cfg)
+    total = p.shape[1] + sum(_check_tokens("turns", t, model_cfg).shape[1] for t in req.turns)
+    if not 1 <= total <= cfg.max_prompt_tokens:
+        what = "tokens" if not req.turns else f"tokens over {len(req.turns) + 1} turn batches"
+        raise InvalidArgument("prompt", f"{total} {what}, the limit is max_prompt_tokens={cfg.max_prompt_tokens}")
     if req.prefix_len >= p.shape[1]:
         raise InvalidArgument("prefix_len", f"must be in [0, {p.shape[1] - 1}], got {req.prefix_len}")
     if req.max_frames is not None and req.max_frames > cfg.max_frames:
         raise InvalidArgument("max_frames", f"must be in [1, {cfg.max_frames}], got {req.max_frames}")
+
+
+def _check_tokens(field: str, tokens, model_cfg: DualARConfig) -> np.ndarray:
+    rows = model_cfg.frame_rows
+    try:
+        p = np.asarray(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        p = None
+    if p is None or p.ndim != 2 or p.shape[0] != rows or p.shape[1] < 1 or p.dtype.kind not in "iu":
+        raise InvalidArgument(field, f"expected an integer array [{rows}, T >= 1], got "
+                                     f"{getattr(tokens, 'dtype', type(tokens))} {list(getattr(tokens, 'shape', []))}")
+    if p[0].min() < 0 or p[0].max() >= model_cfg.vocab_size:
+        raise InvalidArgument(field, f"token ids must be in [0, {model_cfg.vocab_size})")
+    if p[1:].min() < 0 or p[1:].max() >= model_cfg.codebook_size:
+        raise InvalidArgument(field, f"codes must be in [0, {model_cfg.codebook_size})")
+    return p

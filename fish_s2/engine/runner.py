@@ -67,6 +67,8 @@ class TorchRunner:
         self.scratch_hidden = z(1, model.cfg.slow.dim, dt=self.dtype)
         self.positions: list[int] = []   # host copy of each active row's position
         self.top_ks: list[int] = []      # host copy of each active row's top_k
+        self.seeds: list[int] = []       # each active row's seed (a dialogue's later batches derive their noise key)
+        self.prefill_tokens = 0          # prompt tokens run through the slow AR (cached voice prefixes excluded)
         self.prefix_cache = PrefixCache(cfg.prefix_cache_bytes)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.graph_sizes = tuple(s for s in cfg.graph_batch_sizes if s < B) + (B,)
@@ -100,27 +102,50 @@ class TorchRunner:
         r, p = self.n_active, req.params
         self.positions.append(0)
         self.top_ks.append(p.top_k_used)
-        self.temperature[r], self.top_p[r] = p.temperature, p.top_p
-        self.top_k[r], self.key[r] = p.top_k_used, seed_to_key(p.seed) if key is None else key
-        self.window[r:r + 1] = empty_window(1, self.device)
-        self.frame_idx[r] = 0
+        self.seeds.append(p.seed)
+        self.temperature[r], self.top_p[r], self.top_k[r] = p.temperature, p.top_p, p.top_k_used
         try:
-            frame = self._prefill(r, torch.as_tensor(req.prompt).to(self.device, torch.long), req.prefix_len)
+            hidden = self._prefill(r, torch.as_tensor(req.prompt).to(self.device, torch.long), req.prefix_len)
+            return self._start_batch(r, hidden, seed_to_key(p.seed) if key is None else key)
         except BaseException:
             self.release(r)
             raise
-        T = req.prompt.shape[1]
-        self.positions[r] = T
-        self.cur[r], self.pos[r], self.frame_idx[r] = frame, T, 1
+
+    @torch.inference_mode()
+    def extend(self, r: int, tokens, turn: int) -> Tensor:
+        """A dialogue's next turn batch in row r: prefill only ``tokens`` [rows, t] (the segment after the
+        batch that just ended) at the row's position, then start the batch as upstream ``generate_long``
+        starts each one: noise key of seed + ``turn``, frame numbers from 0, an empty repetition window.
+        Returns the batch's first frame (host). The frame that ended the last batch (<|im_end|>, or the
+        last one of its budget) was never fed, so the sequence is exactly upstream's re-prefilled history."""
+        tokens = torch.as_tensor(tokens).to(self.device, torch.long)
+        start, end = self.positions[r], self.positions[r] + tokens.shape[1]
+        hidden = self.model.slow(tokens[None], torch.arange(start, end, device=self.device)[None], slice(r, r + 1),
+                                 end, self.slow_cache)[:, -1]
+        self.prefill_tokens += tokens.shape[1]
+        self.positions[r] = end
+        return self._start_batch(r, hidden, seed_to_key(self.seeds[r] + turn))
+
+    def _start_batch(self, r: int, hidden: Tensor, key: int) -> Tensor:
+        """Row r's first frame of a batch from the prefill's last hidden state; its decode state set to
+        feed that frame next."""
+        self.key[r] = key
+        self.window[r:r + 1] = empty_window(1, self.device)
+        self.frame_idx[r] = 0
+        frame = self._first_frame(r, hidden)
+        self.cur[r], self.pos[r], self.frame_idx[r] = frame, self.positions[r], 1
         return frame.cpu()
 
     def _prefill(self, r: int, prompt: Tensor, P: int) -> Tensor:
+        """The prompt into row r's KV (a cached voice prefix copied in instead of computed); the last
+        position's hidden state."""
         slow, sl, T, start = self.model.slow, slice(r, r + 1), prompt.shape[1], 0
         if P:
             key = prefix_key(prompt[:, :P], self.model_tag)
             kv = self.prefix_cache.get(key)
             if kv is None:
                 slow(prompt[None, :, :P], torch.arange(P, device=self.device)[None], sl, P, self.slow_cache)
+                self.prefill_tokens += P
                 self.prefix_cache.put(key, torch.stack([torch.stack([c.k[r, :, :P], c.v[r, :, :P]])
                                                         for c in self.slow_cache]).clone())
             else:
@@ -130,7 +155,9 @@ class TorchRunner:
             start = P
         hidden = slow(prompt[None, :, start:], torch.arange(start, T, device=self.device)[None], sl, T,
                       self.slow_cache)[:, -1]
-        return self._first_frame(r, hidden)
+        self.prefill_tokens += T - start
+        self.positions[r] = T
+        return hidden
 
     def _first_frame(self, r: int, hidden: Tensor) -> Tensor:
         """A new request's first frame (no repetition window yet), made in the scratch row so that on
@@ -278,7 +305,8 @@ class TorchRunner:
             for buf in (self.cur, self.pos, self.frame_idx, self.window, self.temperature, self.top_p,
                         self.top_k, self.key):
                 buf[r] = buf[last]
-            self.positions[r], self.top_ks[r] = self.positions[last], self.top_ks[last]
+            self.positions[r], self.top_ks[r], self.seeds[r] = self.positions[last], self.top_ks[last], self.seeds[last]
         self.positions.pop()
         self.top_ks.pop()
+        self.seeds.pop()
         self.pos[last] = 0  # a free row may still be computed as CUDA-graph padding: keep its writes in range

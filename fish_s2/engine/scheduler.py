@@ -4,8 +4,9 @@ Requests are submitted from any thread at any time (refused at once when invalid
 One loop thread admits queued requests into free rows of the :class:`~fish_s2.engine.runner.TorchRunner`
 (prefill, reusing a cached voice prefix when it can) and runs one batched decode step for all active
 requests. Each request lives in a :class:`~fish_s2.request.Lifecycle`: frames become chunks by its
-plan, cancellation (explicit, or polled from the client) ends it at the next step, and every request
-ends with exactly one Finished on whichever path ends it first, its row freed on that same path.
+plan, cancellation (explicit, or polled from the client) ends it at the next step, a dialogue's next
+turn batch is appended to its row's KV when the batch before it ends (only the new tokens are
+prefilled), and every request ends with exactly one Finished on whichever path ends it first, its row freed on that same path.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"active": len(self.rows), "queued": len(self._queue),
-                "frames_generated": self.lifecycle.frames_generated, "prefix_cache": self.runner.prefix_cache.stats()}
+                "frames_generated": self.lifecycle.frames_generated, "prefill_tokens": self.runner.prefill_tokens,
+                "prefix_cache": self.runner.prefix_cache.stats()}
 
     # ------------------------------------------------------------------ loop
 
@@ -145,13 +147,35 @@ class Engine:
         self._on_frame(len(self.rows) - 1, frame)
 
     def _on_frame(self, r: int, frame) -> None:
+        """A row's new frame: sent, or the end of its request, or (a dialogue) the end of one turn batch."""
         live = self.rows[r]
-        if int(frame[0]) == self.model_cfg.eos_id:
+        live.turn_frames += 1
+        eos = int(frame[0]) == self.model_cfg.eos_id
+        last_turn = live.turn == len(live.req.turns)
+        batch_full = live.turn_frames >= live.max_frames
+        if eos and last_turn:
             self._end(r, "stop")
             return
-        self.lifecycle.frame(live, frame[1:].numpy())
-        if live.n_frames >= live.max_frames:
-            self._end(r, "length")
+        if not eos and (last_turn or not batch_full):
+            self.lifecycle.frame(live, frame[1:].numpy())
+            if live.n_frames >= live.max_total_frames or (last_turn and batch_full):
+                self._end(r, "length")
+            return
+        # a batch with turns after it ended: on <|im_end|>, or on its budget's last frame, which upstream
+        # drops (it is not fed back, so it is not in the history the next batch sees)
+        self._next_turn(r)
+
+    def _next_turn(self, r: int) -> None:
+        live = self.rows[r]
+        live.turn += 1
+        live.turn_frames = 0
+        try:
+            frame = self.runner.extend(r, live.req.turns[live.turn - 1], live.turn)
+        except Exception as e:
+            log.exception("prefill of turn %d failed", live.turn)
+            self._end(r, "error", Internal(f"prefill of turn {live.turn} failed: {type(e).__name__}: {e}"))
+            return
+        self._on_frame(r, frame)
 
     def _end(self, r: int, reason: str, error: RequestError | None = None) -> None:
         """Free row r (the last row moves into it), then end its request."""

@@ -35,9 +35,12 @@ class Live:
     req: EngineRequest
     sink: Callable[[Event], None]
     chunker: Chunker
-    max_frames: int
+    max_frames: int                       # per turn batch (one batch unless the request has turns)
+    max_total_frames: int                 # the whole request (the engine's max_frames)
     t_submit: float = field(default_factory=time.perf_counter)
-    n_frames: int = 0
+    n_frames: int = 0                     # frames sent (chunked)
+    turn: int = 0                         # the batch being generated (0 .. len(req.turns))
+    turn_frames: int = 0                  # frames generated in it (its dropped last frame included)
     cancel_requested: bool = False
     done: bool = False
     engine_state: object = None           # the engine's own handle on the request (e.g. a result object)
@@ -68,7 +71,8 @@ class Lifecycle:
         if sink is None:
             handle = RequestHandle(req.request_id, self.cancel)
             sink = handle.put
-        live = Live(req, sink, Chunker(req.chunk_plan or self.default_plan), req.max_frames or self.max_frames)
+        live = Live(req, sink, Chunker(req.chunk_plan or self.default_plan), req.max_frames or self.max_frames,
+                    self.max_frames)
         with self._lock:
             if self._closed:
                 raise Unavailable("the engine is shutting down; retry on another server")

@@ -122,7 +122,12 @@ def new_request_id() -> str:
 @dataclass(frozen=True)
 class EngineRequest:
     """One generation for an engine. ``prompt`` is an integer [num_codebooks + 1, T] array (torch or
-    numpy); its shape and values are checked by the engine against its model and buffers."""
+    numpy); its shape and values are checked by the engine against its model and buffers.
+
+    A dialogue (several speaker-turn batches, upstream ``generate_long``) is one request: ``prompt`` holds
+    the first batch, ``turns`` the segment that follows each batch (its closing ``<|im_end|>``, the next
+    user turn, the next assistant start). ``max_frames`` bounds each batch (upstream's max_new_tokens);
+    the whole request is bounded by the engine's max_frames."""
 
     prompt: Any
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -131,6 +136,8 @@ class EngineRequest:
     chunk_plan: ChunkPlan | None = None           # None: the engine's plan
     request_id: str = field(default_factory=new_request_id)
     is_cancelled: Callable[[], bool] | None = None  # polled by the engine (e.g. Triton's response_sender)
+    turns: tuple = ()                             # dialogue: the later batches' prompt segments [rows, t], each
+                                                  # appended to the sequence when the batch before it ends
 
     def __post_init__(self):
         if not isinstance(self.params, SamplingParams):
@@ -140,6 +147,8 @@ class EngineRequest:
         if self.max_frames is not None:
             integer("max_frames", self.max_frames, 1, INT32_MAX)
         integer("prefix_len", self.prefix_len, 0, INT32_MAX)
+        if not isinstance(self.turns, tuple):
+            raise InvalidArgument("turns", f"expected a tuple of prompt segments, got {type(self.turns).__name__}")
         if not isinstance(self.request_id, str) or not self.request_id:
             raise InvalidArgument("request_id", "must be a non-empty string")
 
@@ -153,6 +162,8 @@ class Limits:
     max_reference_seconds: float
     chunk_plan: ChunkPlan            # defaults of the chunk fields
     max_chunk_frames: int = 1 << 16  # the longest chunk (context included) the codec takes
+    max_voices: int = 4              # voices in one request (speakers 0 .. max_voices - 1)
+    max_turns: int = 64              # speaker turns in one request's text
 
     def check_frames(self, max_frames: int) -> int:
         return integer("max_frames", max_frames, 1, self.max_frames)

@@ -56,6 +56,9 @@ class ServingConfig:
     allow_control_tokens: bool = False       # True: control-token strings in request text act as control tokens
                                              # (trusted callers only); False: they are plain text
     max_reference_seconds: float = 30.0
+    max_voices: int = 4                      # voices in one request (a dialogue's speakers)
+    max_turns: int = 64                      # speaker turns in one request's text (a dialogue's length in frames
+                                             # is bounded by engine.max_frames, its text by max_text_bytes)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> "ServingConfig":
@@ -78,7 +81,7 @@ class ServingConfig:
             raise ValueError("fast_ar_runtime: 'onnx' needs runtime 'torch' and fast_ar_onnx (the exported fast AR)")
         if self.codec_runtime != "torch" and not self.codec_decoder_path:
             raise ValueError(f"codec_decoder_path: required with codec_runtime {self.codec_runtime!r}")
-        for name in ("threads", "max_text_bytes", "max_slots"):
+        for name in ("threads", "max_text_bytes", "max_slots", "max_voices", "max_turns"):
             if getattr(self, name) < (0 if name == "threads" else 1):
                 raise ValueError(f"{name}: out of range, got {getattr(self, name)}")
         if not self.max_reference_seconds > 0:
@@ -115,7 +118,8 @@ class ServingConfig:
             raise ValueError("engine.max_frames: null (derived) is resolved when the repository is generated "
                              "(python -m fish_s2.serving.repository); give it a number here")
         return Limits(max_frames=self.engine.max_frames, max_text_bytes=self.max_text_bytes,
-                      max_reference_seconds=self.max_reference_seconds, chunk_plan=self.engine.chunk_plan)
+                      max_reference_seconds=self.max_reference_seconds, chunk_plan=self.engine.chunk_plan,
+                      max_voices=self.max_voices, max_turns=self.max_turns)
 
     # ------------------------------------------------------------------ files
 

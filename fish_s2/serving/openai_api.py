@@ -7,7 +7,9 @@ Request body (JSON): ``model`` (the served model name), ``input`` (text, inline 
 ``response_format`` ``wav`` (default) or ``pcm`` (raw 16-bit little-endian mono at the codec rate,
 given in the ``X-Sample-Rate`` header), ``stream`` (default true: audio is sent chunk by chunk as it
 is generated; a streamed WAV carries the "unknown length" sizes 0xFFFFFFFF in its header). Fish
-extensions: ``seed``, ``temperature``, ``top_p``, ``top_k``, ``max_frames``. Anything else, or a
+extensions: ``seed``, ``temperature``, ``top_p``, ``top_k``, ``max_frames``, ``chunk_length``, and
+``voices`` (a list of registered voice ids for a dialogue: voice i speaks the input's
+``<|speaker:i|>`` turns; instead of ``voice``). Anything else, or a
 ``speed`` other than 1.0, is a 400 naming the field. With an API key configured, requests need
 ``Authorization: Bearer <key>`` (on every route, voices included). Values are range-checked where the request tensors are built
 (:func:`fish_s2.serving.protocol.tts_inputs`) and by the server; errors map to HTTP statuses by their
@@ -46,8 +48,8 @@ from . import protocol
 
 DEFAULT_MODEL = "fish-s2-pro"
 FORMATS = ("wav", "pcm")
-EXTENSIONS = ("seed", "temperature", "top_p", "top_k", "max_frames")   # passed on as tts fields of these names
-KNOWN = {"model", "input", "voice", "response_format", "stream", "speed", *EXTENSIONS}
+EXTENSIONS = ("seed", "temperature", "top_p", "top_k", "max_frames", "chunk_length")   # tts fields of these names
+KNOWN = {"model", "input", "voice", "voices", "response_format", "stream", "speed", *EXTENSIONS}
 UNKNOWN_SIZE = 0xFFFFFFFF
 OPENAI_FIELDS = {"text": "input", "voice_id": "voice"}   # tts field -> this API's name for it
 
@@ -91,7 +93,15 @@ def parse_request(body: object, model_name: str) -> tuple[str, str, bool, dict]:
     if not isinstance(stream, bool):
         raise InvalidArgument("stream", "must be true or false")
     fields: dict = {"sample_format": "int16", **{key: body[key] for key in EXTENSIONS if key in body}}
-    if voice != "default":
+    if "voices" in body:
+        voices = body["voices"]
+        if not (isinstance(voices, list) and voices and all(isinstance(v, str) and v for v in voices)):
+            raise InvalidArgument("voices", "must be a non-empty list of voice id strings (voice i speaks "
+                                            "<|speaker:i|>)")
+        if "voice" in body and voice != "default":
+            raise InvalidArgument("voices", "give voice or voices, not both")
+        fields["voice_id"] = voices
+    elif voice != "default":
         fields["voice_id"] = voice
     return text, fmt, stream, fields
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..request import ChunkPlan, InvalidArgument, Limits, PermissionDenied, SamplingParams
+from ..request.dialogue import SERVER_CHUNK_LENGTH, check_dialogue
 from ..request.params import integer
 
 TTS, TTS_PIPELINE, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
@@ -62,7 +63,7 @@ def _s(name, dtype, dims=(1,), optional=False) -> TensorSpec:
 # ---------------------------------------------------------------- tts (ensemble) = preprocess inputs
 TTS_INPUTS = (
     _s("TEXT", np.object_),
-    _s("VOICE_ID", np.object_, optional=True),
+    _s("VOICE_ID", np.object_, (-1,), optional=True),     # one voice id, or several: voice i is <|speaker:i|>
     _s("REFERENCE_AUDIO", np.float32, (-1,), optional=True),
     _s("REFERENCE_SAMPLE_RATE", np.int32, optional=True),
     _s("REFERENCE_TEXT", np.object_, optional=True),
@@ -75,6 +76,7 @@ TTS_INPUTS = (
     _s("CHUNK_FRAMES", np.int32, optional=True),
     _s("CONTEXT_FRAMES", np.int32, optional=True),
     _s("SAMPLE_FORMAT", np.object_, optional=True),
+    _s("CHUNK_LENGTH", np.int32, optional=True),           # UTF-8 bytes per speaker-turn batch (upstream's)
 )
 # tts (the client-facing entry): a synthesis (TTS_INPUTS, TEXT required) or a stop (STOP and REQUEST_ID alone:
 # the server-issued id that the stream's own responses carry)
@@ -103,7 +105,8 @@ GENERATE_INPUTS = (
     _s("CHUNK_PLAN", np.int32, (len(ChunkPlan().as_list()),), optional=True),     # ChunkPlan.as_list()
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
-)
+    _s("TURN_STARTS", np.int32, (-1,), optional=True),    # a dialogue: the PROMPT column where each later
+)                                                         # batch's segment starts (empty: one batch)
 # dual_ar inputs: a generation (all GENERATE_INPUTS and REQUEST_ID) or a stop (STOP and REQUEST_ID):
 # the stop ends the running request with that server-issued id (tts sends it when its client is gone:
 # ensembles do not pass a client's cancellation on to a running step).
@@ -270,10 +273,11 @@ def _reference(get: Getter, specs: dict[str, TensorSpec], max_seconds: float,
 @dataclass(frozen=True)
 class TTSRequest:
     text: str
-    voice_id: str | None
+    batches: tuple[str, ...]     # the text's speaker-turn batches (one unless it has speaker tags)
+    voice_ids: tuple[str, ...]   # registered voices, speaker i = voice_ids[i] (empty: none, or the reference)
     reference: ReferenceInput | None
     params: SamplingParams
-    max_frames: int
+    max_frames: int              # per batch (upstream's max_new_tokens); the request: the engine's max_frames
     chunk_plan: ChunkPlan
     sample_format: str
 
@@ -286,12 +290,10 @@ def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
         raise InvalidArgument("text", "must not be empty")
     if len(text.encode("utf-8")) > limits.max_text_bytes:
         raise InvalidArgument("text", f"{len(text.encode('utf-8'))} bytes, the limit is {limits.max_text_bytes}")
-    voice_id = _one(get, specs["VOICE_ID"])
-    if voice_id is not None:
-        check_voice_id(voice_id)
+    voice_ids = _voice_ids(get)
     reference = _reference(get, specs, limits.max_reference_seconds, required=False)
-    if voice_id is not None and reference is not None:
-        raise InvalidArgument("voice_id", "give a registered voice or a reference voice, not both")
+    if voice_ids and reference is not None:
+        raise InvalidArgument("voice_id", "give registered voices or one reference voice, not both")
 
     defaults = SamplingParams()
     value = lambda name, default: default if (v := _one(get, specs[name])) is None else v  # noqa: E731
@@ -306,7 +308,25 @@ def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
     sample_format = value("SAMPLE_FORMAT", SAMPLE_FORMATS[0])
     if sample_format not in SAMPLE_FORMATS:
         raise InvalidArgument("sample_format", f"expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
-    return TTSRequest(text, voice_id, reference, params, max_frames, plan, sample_format)
+    batches = check_dialogue(text, len(voice_ids) + (reference is not None), limits.max_voices, limits.max_turns,
+                             value("CHUNK_LENGTH", SERVER_CHUNK_LENGTH))
+    return TTSRequest(text, tuple(batches), voice_ids, reference, params, max_frames, plan, sample_format)
+
+
+def _voice_ids(get: Getter) -> tuple[str, ...]:
+    """VOICE_ID: one registered voice id or several (BYTES [n]), each checked before any path is built."""
+    a = get("VOICE_ID")
+    if a is None:
+        return ()
+    if a.ndim != 1 or a.size == 0 or a.dtype != np.object_:
+        raise InvalidArgument("voice_id", f"expected one or more voice id strings, got {a.dtype} {list(a.shape)}")
+    try:
+        ids = tuple(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in a)
+    except UnicodeDecodeError:
+        raise InvalidArgument("voice_id", "not valid UTF-8") from None
+    for voice_id in ids:
+        check_voice_id(voice_id)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -355,7 +375,8 @@ class GenerateRequest:
     the engine's to check against its model and buffers)."""
 
     request_id: str
-    prompt: np.ndarray          # int64 [rows, T]
+    prompt: np.ndarray          # int64 [rows, T]: the first (or only) turn batch
+    turns: tuple[np.ndarray, ...]  # a dialogue's later batches' segments, int64 [rows, t] each
     prefix_len: int
     params: SamplingParams
     max_frames: int
@@ -364,17 +385,21 @@ class GenerateRequest:
     start_ns: int
 
 
-def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start_ns: int) -> dict[str, np.ndarray]:
-    """preprocess's outputs for one request (the dual_ar inputs, by name)."""
+def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start_ns: int,
+                     turns: tuple[np.ndarray, ...] = ()) -> dict[str, np.ndarray]:
+    """preprocess's outputs for one request (the dual_ar inputs, by name): a dialogue's later segments
+    ``turns`` travel appended to PROMPT, with the column where each starts in TURN_STARTS."""
     p = req.params
-    return {"PROMPT": np.ascontiguousarray(prompt, dtype=np.int64),
+    starts = np.cumsum([prompt.shape[1]] + [t.shape[1] for t in turns[:-1]]) if turns else np.zeros(0)
+    return {"PROMPT": np.ascontiguousarray(np.concatenate([prompt, *turns], axis=1), dtype=np.int64),
             "PREFIX_LEN": np.array([prefix_len], np.int32),
             "TEMPERATURE": np.array([p.temperature], np.float32), "TOP_P": np.array([p.top_p], np.float32),
             "TOP_K": np.array([p.top_k], np.int32), "SEED": np.array([p.seed], np.int64),
             "MAX_FRAMES": np.array([req.max_frames], np.int32),
             "CHUNK_PLAN": np.array(req.chunk_plan.as_list(), np.int32),
             "FORMAT_CODE": np.array([SAMPLE_FORMATS.index(req.sample_format)], np.int32),
-            "START_NS": np.array([start_ns], np.int64)}
+            "START_NS": np.array([start_ns], np.int64),
+            "TURN_STARTS": starts.astype(np.int32)}
 
 
 def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
@@ -398,14 +423,27 @@ def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
                                             f"chunk_frames, context_frames, ramp], got "
                                             f"{None if plan is None else list(plan.shape)}")
     integer("format_code", scalars["FORMAT_CODE"], 0, len(SAMPLE_FORMATS) - 1)
+    segments = np.split(prompt.astype(np.int64), _turn_starts(get("TURN_STARTS"), prompt.shape[1]), axis=1)
     return GenerateRequest(
-        request_id=request_id, prompt=prompt.astype(np.int64),
-        prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
+        request_id=request_id, prompt=segments[0], turns=tuple(segments[1:]),
+        prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, segments[0].shape[1] - 1),
         params=SamplingParams(temperature=scalars["TEMPERATURE"], top_p=scalars["TOP_P"], top_k=scalars["TOP_K"],
                               seed=scalars["SEED"]),
         max_frames=integer("max_frames", scalars["MAX_FRAMES"], 1, 1 << 31),
         chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
         format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
+
+
+def _turn_starts(starts: np.ndarray | None, length: int) -> list[int]:
+    """TURN_STARTS: strictly increasing columns inside (0, length) (absent or empty: one batch)."""
+    if starts is None or starts.size == 0:
+        return []
+    values = starts.reshape(-1)
+    if values.dtype.kind not in "iu" or values.ndim != 1 or not (
+            0 < values[0] and values[-1] < length and (np.diff(values) > 0).all()):
+        raise InvalidArgument("turn_starts", f"expected increasing prompt columns in (0, {length}), got "
+                                             f"{values.dtype} {values.tolist()[:8]}")
+    return [int(v) for v in values]
 
 
 def parse_entry_stop(get: Getter) -> str | None:
@@ -428,20 +466,21 @@ def stop_tensors(request_id: str) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- building requests (client side)
 
-def tts_inputs(text: str, *, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
+def tts_inputs(text: str, *, voice_id: str | list[str] | None = None, reference_audio: np.ndarray | None = None,
                reference_sample_rate: int | None = None, reference_text: str | None = None,
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, max_frames: int | None = None, first_chunk_frames: int | None = None,
                chunk_frames: int | None = None, context_frames: int | None = None,
-               sample_format: str | None = None) -> dict[str, np.ndarray]:
+               sample_format: str | None = None, chunk_length: int | None = None) -> dict[str, np.ndarray]:
     """The tensors of a tts request; fields left None are not sent (the server's defaults apply).
+    ``voice_id``: one registered voice, or a list (voice i speaks the text's ``<|speaker:i|>`` turns).
     A value that its tensor type cannot hold is an InvalidArgument naming the field (never a wrap)."""
     return _arrays(TTS_INPUTS, dict(text=text, voice_id=voice_id, reference_audio=reference_audio,
                                     reference_sample_rate=reference_sample_rate, reference_text=reference_text,
                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                     max_frames=max_frames, first_chunk_frames=first_chunk_frames,
                                     chunk_frames=chunk_frames, context_frames=context_frames,
-                                    sample_format=sample_format))
+                                    sample_format=sample_format, chunk_length=chunk_length))
 
 
 def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
@@ -460,9 +499,11 @@ def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray
         if v is None:
             continue
         if spec.dtype is np.object_:
-            if not isinstance(v, str):
-                raise InvalidArgument(field, f"expected a string, got {type(v).__name__}")
-            out[spec.name] = np.array([v.encode("utf-8")], dtype=np.object_)
+            many = spec.dims != (1,) and isinstance(v, (list, tuple))
+            if not all(isinstance(x, str) for x in (v if many else [v])) or (many and not v):
+                raise InvalidArgument(field, f"expected {'one or more strings' if spec.dims != (1,) else 'a string'}, "
+                                             f"got {v!r}")
+            out[spec.name] = np.array([x.encode("utf-8") for x in (v if many else [v])], dtype=np.object_)
         elif spec.dims == (1,):
             kind = np.dtype(spec.dtype).kind
             if kind in "iu":

@@ -59,7 +59,7 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     continue
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
-                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id,
+                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id, turns=gen.turns,
                                     is_cancelled=sender.is_cancelled)
                 self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal

@@ -1,10 +1,12 @@
 """preprocess: validate a tts request, resolve its voice, build its prompt.
 
-Inputs: the tts inputs (TEXT; VOICE_ID, or REFERENCE_AUDIO + REFERENCE_SAMPLE_RATE +
-REFERENCE_TEXT; TEMPERATURE, TOP_P, TOP_K, SEED, MAX_FRAMES; FIRST_CHUNK_FRAMES, CHUNK_FRAMES,
-CONTEXT_FRAMES; SAMPLE_FORMAT), all but TEXT optional. Outputs: a complete generation request for
-dual_ar (PROMPT [rows, T], PREFIX_LEN = the voice's system block, the resolved sampling and chunk
-settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error naming the field.
+Inputs: the tts inputs (TEXT; VOICE_ID (one or several: voice i speaks <|speaker:i|>), or
+REFERENCE_AUDIO + REFERENCE_SAMPLE_RATE + REFERENCE_TEXT; TEMPERATURE, TOP_P, TOP_K, SEED, MAX_FRAMES;
+FIRST_CHUNK_FRAMES, CHUNK_FRAMES, CONTEXT_FRAMES; SAMPLE_FORMAT; CHUNK_LENGTH), all but TEXT optional.
+Outputs: a complete generation request for dual_ar (PROMPT [rows, T] with a dialogue's later turn
+batches appended and TURN_STARTS where each starts, PREFIX_LEN = the system block with every voice,
+the resolved sampling and chunk settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error
+naming the field.
 """
 
 import time
@@ -43,15 +45,15 @@ class TritonPythonModel:
 
     def _prepare(self, request, start_ns: int) -> dict:
         req = protocol.parse_tts_request(getter(pb_utils, request), self.limits)
-        if req.voice_id is not None:
-            references = [self.voices.get(req.voice_id).reference()]
-        elif req.reference is not None:
+        if req.reference is not None:
             codes = self.encoder(req.reference.audio, req.reference.sample_rate)
             references = [Reference(req.reference.text, torch.from_numpy(codes))]
         else:
-            references = []
-        prompt, prefix_len = self.builder.request(req.text, references)
+            references = [self.voices.get(voice_id).reference() for voice_id in req.voice_ids]
+        dialogue = self.builder.dialogue(list(req.batches), references)
         limit = self.cfg.engine.max_prompt_tokens
-        if prompt.shape[1] > limit:
-            raise InvalidArgument("text", f"the prompt (voice and text) is {prompt.shape[1]} tokens, the limit is {limit}")
-        return protocol.generate_tensors(prompt.numpy(), prefix_len, req, start_ns)
+        if dialogue.n_tokens > limit:
+            raise InvalidArgument("text", f"the prompt (voices and text) is {dialogue.n_tokens} tokens, the limit is "
+                                          f"{limit}")
+        return protocol.generate_tensors(dialogue.prompt.numpy(), dialogue.prefix_len, req, start_ns,
+                                         tuple(t.numpy() for t in dialogue.turns))

@@ -61,7 +61,7 @@ class TritonPythonModel:
     def _warm(self, voice) -> None:
         """One frame through dual_ar with the voice's prompt: its prefix KV lands in the engine's cache."""
         prompt, prefix_len = self.builder.request("", [voice.reference()])
-        req = protocol.TTSRequest("", None, None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
+        req = protocol.TTSRequest("", ("",), (), None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
         tensors = {**protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0),
                    "REQUEST_ID": np.array([new_request_id().encode()], dtype=np.object_)}
         bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,

@@ -2,6 +2,7 @@
 row's KV (only its new tokens prefilled), equal to upstream ``generate_long``'s re-prefilled batches."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from fish_s2.engine import Engine, EngineConfig
 from fish_s2.generate import generate_long
 from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.request.dialogue import text_batches
-from fish_s2.request import ChunkPlan, EngineRequest, InvalidArgument, SamplingParams, chunks_to_codes, collect
+from fish_s2.request import (ChunkPlan, EngineRequest, InvalidArgument, NotFound, SamplingParams, chunks_to_codes,
+                             collect)
 
 CFG = EngineConfig(max_active=6, max_queued=8, max_prompt_tokens=600, max_frames=120)
 DIALOGUE = ("<|speaker:0|>Good morning, how did you sleep? <|speaker:1|>Not well, the storm kept me up. "
@@ -145,3 +147,87 @@ def test_total_frames_bound_the_whole_dialogue(tiny):
     _, req = _dialogue_request(builder, DIALOGUE, [], SamplingParams(seed=5), 12, 40)
     [(chunks, done)] = _run(engine, [req])
     assert done.reason == "length" and done.n_frames == 20 == chunks_to_codes(chunks).shape[1]
+
+
+def _drive(engine, until):
+    while not until():
+        engine.step()
+
+
+def test_session_segments_appended_while_it_runs_equal_one_dialogue_request(tiny):
+    """A session given its batches one by one (some while it waits, parked, for text) streams exactly what
+    the same batches sent as one request stream; only the new tokens are prefilled."""
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    batches = ["<|speaker:0|>First sentence here.", "<|speaker:0|>Second one follows.", "<|speaker:0|>The end."]
+    d = builder.dialogue(batches, [])
+    params, plan = SamplingParams(temperature=0.9, seed=8), ChunkPlan(3, 5, 2)
+    [(expected, whole)] = _run(Engine(tiny.model, CFG), [EngineRequest(d.prompt, params, max_frames=7,
+                                                                       chunk_plan=plan, turns=d.turns)])
+    engine = Engine(tiny.model, CFG)
+    other = engine.submit(EngineRequest(builder.request("Someone else.", [])[0], SamplingParams(seed=1), max_frames=30))
+    handle = engine.submit(EngineRequest(d.prompt, params, max_frames=7, chunk_plan=plan, open_input=True))
+    live = engine.lifecycle.get(handle.request_id)
+    _drive(engine, lambda: live.parked)                       # the first batch is done; no text yet
+    frames_then = live.n_frames
+    for _ in range(3):
+        engine.step()                                         # the other request decodes, the session waits
+    assert live.parked and live.n_frames == frames_then and engine.rows[1] is live
+    engine.append(handle.request_id, d.turns[0])
+    _drive(engine, lambda: live.turn == 1)
+    engine.append(handle.request_id, d.turns[1], end=True)   # known before the batch ends: no parking
+    _drive(engine, lambda: live.done)
+    chunks, done = collect(handle)
+    assert done.reason == whole.reason and done.n_frames == whole.n_frames
+    assert np.array_equal(chunks_to_codes(chunks), chunks_to_codes(expected))
+    assert [c.index for c in chunks] == [c.index for c in expected]
+    _drive(engine, lambda: not engine.rows)
+    assert collect(other)[1].error is None
+    assert engine.stats()["prefill_tokens"] == d.n_tokens + builder.request("Someone else.", [])[0].shape[1]
+
+
+def test_session_ends_when_its_input_ends_and_refuses_bad_appends(tiny):
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    engine = Engine(tiny.model, EngineConfig(max_active=2, max_queued=2, max_prompt_tokens=80, max_frames=40))
+    prompt = builder.request("Hello.", [])[0]
+    handle = engine.submit(EngineRequest(prompt, SamplingParams(seed=2), max_frames=4, open_input=True))
+    live = engine.lifecycle.get(handle.request_id)
+    _drive(engine, lambda: live.parked)
+    assert live.n_frames == 3                                   # the budget's last frame is held back
+    too_long = builder.dialogue(["a", "word " * 40], []).turns[0]
+    with pytest.raises(InvalidArgument, match="^text: the session's text would take"):
+        engine.append(handle.request_id, too_long)
+    with pytest.raises(InvalidArgument, match="^text: expected an integer array"):
+        engine.append(handle.request_id, torch.zeros(2, 2, dtype=torch.long))
+    engine.append(handle.request_id, end=True)
+    _drive(engine, lambda: live.done)
+    chunks, done = collect(handle)
+    assert done.reason == "length" and done.n_frames == 4 == chunks_to_codes(chunks).shape[1]   # ... and sent
+    with pytest.raises(NotFound):
+        engine.append(handle.request_id, end=True)
+    one_shot = engine.submit(EngineRequest(prompt, max_frames=2))
+    with pytest.raises(InvalidArgument, match="^request_id: the request is not a session"):
+        engine.append(one_shot.request_id, end=True)
+    session = engine.submit(EngineRequest(prompt, max_frames=2, open_input=True))
+    engine.append(session.request_id, end=True)
+    with pytest.raises(InvalidArgument, match="^text: the session's input has ended"):
+        engine.append(session.request_id, end=True)
+    _drive(engine, lambda: not engine.rows and not engine.stats()["queued"])
+
+
+def test_a_parked_session_is_cancelled_and_the_loop_thread_waits_without_spinning(tiny):
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    engine = Engine(tiny.model, CFG).start()
+    try:
+        handle = engine.submit(EngineRequest(builder.request("Hi.", [])[0], max_frames=3, open_input=True))
+        live = engine.lifecycle.get(handle.request_id)
+        deadline = time.monotonic() + 30
+        while not live.parked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        frames = engine.stats()["frames_generated"]
+        time.sleep(0.3)
+        assert live.parked and engine.stats()["frames_generated"] == frames
+        handle.cancel()
+        chunks, done = collect(handle)
+        assert done.reason == "cancelled" and engine.stats()["active"] == 0
+    finally:
+        engine.stop()

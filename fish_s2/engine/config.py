@@ -62,12 +62,13 @@ class EngineConfig:
         return self
 
 
-def check_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig) -> None:
+def check_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig) -> int:
     """What every engine checks before it takes a request, to protect its memory: the prompt's (and a
     dialogue's later segments') shape and values against the model (on a GPU an out-of-range id is a
     device-side assert that kills the process) and lengths against its buffers: the prompt tokens of
     the whole request within max_prompt_tokens and its frames within max_frames, so a dialogue's KV fits
-    its slot from the start. Everything else was validated where the request was built."""
+    its slot from the start (a session's later segments: :func:`check_segment`). Everything else was
+    validated where the request was built. Returns the request's prompt tokens."""
     p = _check_tokens("prompt", req.prompt, model_cfg)
     total = p.shape[1] + sum(_check_tokens("turns", t, model_cfg).shape[1] for t in req.turns)
     if not 1 <= total <= cfg.max_prompt_tokens:
@@ -77,6 +78,16 @@ def check_request(req: EngineRequest, cfg: EngineConfig, model_cfg: DualARConfig
         raise InvalidArgument("prefix_len", f"must be in [0, {p.shape[1] - 1}], got {req.prefix_len}")
     if req.max_frames is not None and req.max_frames > cfg.max_frames:
         raise InvalidArgument("max_frames", f"must be in [1, {cfg.max_frames}], got {req.max_frames}")
+    return total
+
+
+def check_segment(segment, tokens_so_far: int, cfg: EngineConfig, model_cfg: DualARConfig) -> np.ndarray:
+    """A session's next segment: its tokens against the model, the session's tokens within max_prompt_tokens."""
+    seg = _check_tokens("text", segment, model_cfg)
+    if tokens_so_far + seg.shape[1] > cfg.max_prompt_tokens:
+        raise InvalidArgument("text", f"the session's text would take {tokens_so_far + seg.shape[1]} prompt tokens, the "
+                                      f"limit is max_prompt_tokens={cfg.max_prompt_tokens}")
+    return seg
 
 
 def _check_tokens(field: str, tokens, model_cfg: DualARConfig) -> np.ndarray:

@@ -184,9 +184,11 @@ class TorchRunner:
     # ------------------------------------------------------------------ decode
 
     @torch.inference_mode()
-    def step(self) -> Tensor:
+    def step(self, held: list[int] = ()) -> Tensor:
         """One batched frame for every active row; advances their state and returns the frames
-        [n, num_codebooks + 1] on the host."""
+        [n, num_codebooks + 1] on the host. ``held`` rows (sessions waiting for text) are computed as
+        padding and keep their position: their only write is KV at their next free position, which the
+        prefill of their next segment overwrites."""
         n = self.n_active
         frames = self._decode(n)
         self.cur[:n] = frames
@@ -194,6 +196,9 @@ class TorchRunner:
         self.frame_idx[:n] += 1
         self.window[:n] = torch.cat([self.window[:n, 1:], frames[:, :1]], dim=1)
         self.positions = [p + 1 for p in self.positions]
+        for r in held:
+            self.pos[r] -= 1
+            self.positions[r] -= 1
         return frames.cpu()
 
     def _step_body(self, n: int, kv_len: int, k_max: int | None = None) -> Tensor:

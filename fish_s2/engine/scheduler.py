@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 from ..config import DualARConfig
 from ..dual_ar import DualAR, FastARRuntime
-from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestError, RequestHandle, Unavailable
-from .config import EngineConfig, check_request
+from ..request import (Event, EngineRequest, Internal, InvalidArgument, Lifecycle, Live, NotFound, RequestError,
+                       RequestHandle, Unavailable)
+from .config import EngineConfig, check_request, check_segment
 from .runner import TorchRunner
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ class Engine:
     def submit(self, req: EngineRequest, sink: Callable[[Event], None] | None = None) -> RequestHandle | None:
         """Queue a request: InvalidArgument, Busy or Unavailable at once, else its events go to ``sink``
         (called on the engine thread) or, without one, to the returned handle."""
-        check_request(req, self.cfg, self.model_cfg)
+        tokens = check_request(req, self.cfg, self.model_cfg)
         live, handle = self.lifecycle.open(req, sink)
+        live.prompt_tokens = tokens
         with self._cond:
             self._queue.append(live)
             self._cond.notify()
@@ -52,6 +54,26 @@ class Engine:
 
     def cancel(self, request_id: str) -> bool:
         return self.lifecycle.cancel(request_id)
+
+    def append(self, request_id: str, segment=None, end: bool = False) -> None:
+        """A running session's next segment (``<|im_end|>``, a user turn, the assistant start: what
+        :meth:`~fish_s2.prompt.PromptBuilder.dialogue` builds for each later batch), spoken after what
+        it has; ``end``: no more will come. NotFound for a request not in flight, InvalidArgument for one
+        that is not a session, a segment after the end, or a session over its prompt tokens."""
+        live = self.lifecycle.get(request_id)
+        if live is None:
+            raise NotFound("request_id", f"no request {request_id!r} in flight")
+        if not live.req.open_input:
+            raise InvalidArgument("request_id", "the request is not a session: its text was given whole")
+        with self._cond:
+            if live.input_ended:
+                raise InvalidArgument("text", "the session's input has ended; nothing can follow")
+            if segment is not None:
+                seg = check_segment(segment, live.prompt_tokens, self.cfg, self.model_cfg)
+                live.prompt_tokens += seg.shape[1]
+                live.appended.append(seg)
+            live.input_ended = end
+            self._cond.notify()
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="fish-s2-engine", daemon=True)
@@ -87,8 +109,11 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._queue or self.rows or self._stopping):
-                        self._cond.wait()
+                    while not (self._queue or self._stopping or any(self._runnable(live) for live in self.rows)):
+                        # only parked sessions: still poll their clients for cancellation now and then
+                        self._cond.wait(max(self.cfg.cancel_check_ms, 20) / 1000 if self.rows else None)
+                        if self.rows:
+                            break
                     if self._stopping:
                         return
                 self.step()
@@ -112,10 +137,15 @@ class Engine:
                 self._admit(live)
             else:
                 self.lifecycle.finish(live, "cancelled")
-        if not self.rows:
+        for r in reversed(range(len(self.rows))):
+            if self.rows[r].parked and self._runnable(self.rows[r]):
+                self.rows[r].parked = False
+                self._after_batch(r)
+        parked = [r for r, live in enumerate(self.rows) if live.parked]
+        if len(parked) == len(self.rows):
             return
         try:
-            frames = self.runner.step()
+            frames = self.runner.step(held=parked)
         except Exception as e:  # a failed step fails the requests in it, the engine keeps serving
             log.exception("decode step failed")
             error = Internal(f"decode step failed: {type(e).__name__}: {e}")
@@ -123,7 +153,13 @@ class Engine:
                 self._end(r, "error", error)
             return
         for r in reversed(range(len(self.rows))):
-            self._on_frame(r, frames[r])
+            if not self.rows[r].parked:
+                self._on_frame(r, frames[r])
+
+    @staticmethod
+    def _runnable(live: Live) -> bool:
+        """A row with work: decoding, or a parked session whose next segment (or end) has arrived."""
+        return not live.parked or bool(live.appended) or live.input_ended or live.cancel_requested
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -147,30 +183,52 @@ class Engine:
         self._on_frame(len(self.rows) - 1, frame)
 
     def _on_frame(self, r: int, frame) -> None:
-        """A row's new frame: sent, or the end of its request, or (a dialogue) the end of one turn batch."""
+        """A row's new frame: sent, or the end of its batch (<|im_end|> or its budget's last frame)."""
         live = self.rows[r]
         live.turn_frames += 1
         eos = int(frame[0]) == self.model_cfg.eos_id
-        last_turn = live.turn == len(live.req.turns)
-        batch_full = live.turn_frames >= live.max_frames
-        if eos and last_turn:
-            self._end(r, "stop")
+        if not eos and live.turn_frames < live.max_frames:
+            self._send(r, frame)
             return
-        if not eos and (last_turn or not batch_full):
-            self.lifecycle.frame(live, frame[1:].numpy())
-            if live.n_frames >= live.max_total_frames or (last_turn and batch_full):
-                self._end(r, "length")
-            return
-        # a batch with turns after it ended: on <|im_end|>, or on its budget's last frame, which upstream
-        # drops (it is not fed back, so it is not in the history the next batch sees)
-        self._next_turn(r)
+        live.held_frame = None if eos else frame
+        self._after_batch(r)
 
-    def _next_turn(self, r: int) -> None:
+    def _send(self, r: int, frame) -> bool:
+        """Send a frame's codes; end the request when it reaches its total frames (True: ended)."""
+        live = self.rows[r]
+        self.lifecycle.frame(live, frame[1:].numpy())
+        if live.n_frames >= live.max_total_frames:
+            self._end(r, "length")
+            return True
+        return False
+
+    def _after_batch(self, r: int) -> None:
+        """A batch ended: start the next one if its segment is known, park a session that waits for its
+        text, else end the request. A batch's last frame at its budget is sent only if no batch follows:
+        upstream drops it (it is never fed back, so the next batch's history does not have it)."""
+        live = self.rows[r]
+        with self._cond:
+            segment = (live.req.turns[live.turn] if live.turn < len(live.req.turns) else
+                       live.appended.popleft() if live.appended else None)
+            wait = segment is None and not live.input_ended
+        if segment is not None:
+            live.held_frame = None
+            self._next_turn(r, segment)
+        elif wait:
+            live.parked = True
+        elif live.held_frame is not None:
+            frame, live.held_frame = live.held_frame, None
+            if not self._send(r, frame):
+                self._end(r, "length")
+        else:
+            self._end(r, "stop")
+
+    def _next_turn(self, r: int, segment) -> None:
         live = self.rows[r]
         live.turn += 1
         live.turn_frames = 0
         try:
-            frame = self.runner.extend(r, live.req.turns[live.turn - 1], live.turn)
+            frame = self.runner.extend(r, segment, live.turn)
         except Exception as e:
             log.exception("prefill of turn %d failed", live.turn)
             self._end(r, "error", Internal(f"prefill of turn {live.turn} failed: {type(e).__name__}: {e}"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,8 +40,13 @@ class Live:
     max_total_frames: int                 # the whole request (the engine's max_frames)
     t_submit: float = field(default_factory=time.perf_counter)
     n_frames: int = 0                     # frames sent (chunked)
-    turn: int = 0                         # the batch being generated (0 .. len(req.turns))
+    turn: int = 0                         # the batch being generated (0 = the prompt's)
     turn_frames: int = 0                  # frames generated in it (its dropped last frame included)
+    prompt_tokens: int = 0                # every segment's tokens so far (the engine's KV budget)
+    appended: deque = field(default_factory=deque)   # a session's segments not started yet
+    input_ended: bool = True              # a session: False until its input is ended
+    parked: bool = False                  # a session between batches, waiting for its next segment
+    held_frame: object = None             # a parked batch's last frame at its budget: sent only if no batch follows
     cancel_requested: bool = False
     done: bool = False
     engine_state: object = None           # the engine's own handle on the request (e.g. a result object)
@@ -72,7 +78,7 @@ class Lifecycle:
             handle = RequestHandle(req.request_id, self.cancel)
             sink = handle.put
         live = Live(req, sink, Chunker(req.chunk_plan or self.default_plan), req.max_frames or self.max_frames,
-                    self.max_frames)
+                    self.max_frames, input_ended=not req.open_input)
         with self._lock:
             if self._closed:
                 raise Unavailable("the engine is shutting down; retry on another server")
@@ -91,6 +97,10 @@ class Lifecycle:
     def __len__(self) -> int:
         with self._lock:
             return len(self._live)
+
+    def get(self, request_id: str) -> Live | None:
+        with self._lock:
+            return self._live.get(request_id)
 
     def lives(self) -> list[Live]:
         with self._lock:

@@ -138,6 +138,8 @@ class EngineRequest:
     is_cancelled: Callable[[], bool] | None = None  # polled by the engine (e.g. Triton's response_sender)
     turns: tuple = ()                             # dialogue: the later batches' prompt segments [rows, t], each
                                                   # appended to the sequence when the batch before it ends
+    open_input: bool = False                      # a session: more segments arrive while it runs (Engine.append);
+                                                  # it ends once its input has ended and its last batch is done
 
     def __post_init__(self):
         if not isinstance(self.params, SamplingParams):
@@ -147,6 +149,8 @@ class EngineRequest:
         if self.max_frames is not None:
             integer("max_frames", self.max_frames, 1, INT32_MAX)
         integer("prefix_len", self.prefix_len, 0, INT32_MAX)
+        if not isinstance(self.open_input, bool):
+            raise InvalidArgument("open_input", f"expected true or false, got {self.open_input!r}")
         if not isinstance(self.turns, tuple):
             raise InvalidArgument("turns", f"expected a tuple of prompt segments, got {type(self.turns).__name__}")
         if not isinstance(self.request_id, str) or not self.request_id:

@@ -126,9 +126,9 @@ class TrtllmEngine:
         """Start a request: InvalidArgument, Busy or Unavailable at once, else its events go to ``sink``
         (called on the engine's loop thread) or, without one, to the returned handle."""
         check_request(req, self.cfg, self.model_cfg)
-        if req.turns:   # TensorRT-LLM owns its KV: appending a turn to a live sequence is the torch engine's
-            raise InvalidArgument("text", f"{len(req.turns) + 1} speaker-turn batches: dialogue requests run on the "
-                                          "torch engine; this server runs TensorRT-LLM (send one batch per request)")
+        if req.turns or req.open_input:   # TensorRT-LLM owns its KV: appending to a live sequence is the torch
+            raise InvalidArgument("text", "dialogues (several speaker-turn batches) and text sessions run on the torch "
+                                          "engine; this server runs TensorRT-LLM (send one batch per request)")
         if self._loop is None:
             raise Unavailable("the engine is not running; retry later")
         live, handle = self.lifecycle.open(req, sink)

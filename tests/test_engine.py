@@ -249,10 +249,10 @@ def test_stop_with_a_stuck_loop_still_finishes_every_request(tiny):
     entered, release = threading.Event(), threading.Event()
     real_step = engine.runner.step
 
-    def stuck_step():
+    def stuck_step(held=()):
         entered.set()
         release.wait(30)
-        return real_step()
+        return real_step(held)
 
     engine.runner.step = stuck_step
     handles = [engine.submit(_request(tiny, f"Stuck {i}.", SamplingParams(seed=i), max_frames=30)) for i in range(3)]

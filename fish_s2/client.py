@@ -345,6 +345,28 @@ class AsyncTTSClient:
                 call.cancel()
                 done.set()
 
+    def open_session(self, text: str, **fields) -> "SpeechSession":
+        """A session: ``text`` is spoken first; later text goes in with :meth:`SpeechSession.append`, which
+        the server appends to the same engine request (one stream, only new tokens prefilled). Iterate
+        :meth:`SpeechSession.chunks`; end with ``append(end=True)``."""
+        return SpeechSession(self, text, fields)
+
+    async def control(self, arrays: dict[str, np.ndarray]) -> None:
+        """A one-request stream to tts that answers with its FINAL alone (a stop or an append); the
+        server's error is raised typed."""
+        done = asyncio.Event()
+        call = self._stub.ModelStreamInfer(
+            _asend_then_wait(_infer_request(self.model, arrays, uuid.uuid4().hex, stream=True), done),
+            timeout=self.timeout_s)
+        try:
+            async for response in call:
+                if _parse(response)[1]:
+                    break
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from None
+        finally:
+            await _aend(call, done, self.drain_timeout_s)
+
     async def synthesize(self, text: str, **fields) -> Synthesis:
         collector = _Collector()
         async for chunk in self.stream(text, **fields):
@@ -368,3 +390,58 @@ class AsyncTTSClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+class SpeechSession:
+    """One session's stream (:meth:`AsyncTTSClient.open_session`): ``chunks()`` yields its audio in order;
+    ``append(text)`` and ``append(end=True)`` may be called while it runs (they wait for the server's id,
+    which the stream announces before any audio)."""
+
+    def __init__(self, client: AsyncTTSClient, text: str, fields: dict):
+        self.client = client
+        self.request_id: str | None = None
+        self._announced = asyncio.Event()
+        self._failed: BaseException | None = None
+        self._text, self._fields = text, fields
+
+    async def chunks(self) -> AsyncIterator[AudioChunk]:
+        done = asyncio.Event()
+        arrays = protocol.tts_inputs(self._text, open_input=True, **self._fields)
+        call = self.client._stub.ModelStreamInfer(
+            _asend_then_wait(_infer_request(self.client.model, arrays, uuid.uuid4().hex, stream=True), done),
+            timeout=self.client.timeout_s)
+        reorder, finished = ChunkReorderer(), False
+        try:
+            async for response in call:
+                chunk, final = _parse(response)
+                if chunk is not None and chunk.index == protocol.SESSION_ANNOUNCE_INDEX:
+                    self.request_id = chunk.request_id
+                    self._announced.set()
+                elif chunk is not None:
+                    for ready in reorder.push(chunk):
+                        yield ready
+                if final:
+                    finished = True
+                    break
+            if not finished:
+                raise Unavailable("the stream closed before its final response")
+            reorder.finish()
+        except grpc.RpcError as e:
+            self._failed = _rpc_error(e)
+            raise self._failed from None
+        except BaseException as e:
+            self._failed = e
+            raise
+        finally:
+            self._announced.set()   # appends waiting for an id that will not come give up
+            if finished:
+                await _aend(call, done, self.client.drain_timeout_s)
+            else:
+                call.cancel()
+                done.set()
+
+    async def append(self, text: str | None = None, end: bool = False) -> None:
+        await self._announced.wait()
+        if self.request_id is None:
+            raise Unavailable(f"the session's stream ended before it started ({self._failed!r})")
+        await self.client.control(protocol.append_tensors(self.request_id, text, end))

@@ -101,9 +101,12 @@ class PromptBuilder:
         ``<|im_end|>``, the next user turn, the next assistant start). The first batch's prompt, its fed
         frames, then the segment, are token for token upstream ``generate_long``'s re-built history."""
         prompt, prefix_len = self.request(batches[0], references)
-        turns = tuple(torch.cat([self.text(f"{IM_END}\n"), self.user(b), self.assistant_start()], dim=1)
-                      for b in batches[1:])
-        return Dialogue(prompt, prefix_len, turns, tuple(batches))
+        return Dialogue(prompt, prefix_len, tuple(self.next_turn(b) for b in batches[1:]), tuple(batches))
+
+    def next_turn(self, batch: str) -> Tensor:
+        """The segment that follows a finished batch: its ``<|im_end|>``, the next user turn, the next
+        assistant start."""
+        return torch.cat([self.text(f"{IM_END}\n"), self.user(batch), self.assistant_start()], dim=1)
 
     def assistant_turn(self, codes: Tensor) -> Tensor:
         """A finished assistant turn (earlier batch's codes), kept as history for the next batch."""

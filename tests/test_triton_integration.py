@@ -186,6 +186,48 @@ def test_two_voice_dialogue_streams_as_one_request(client, deployment, tiny):
         client.delete_voice(name)
 
 
+SESSION = ("<|speaker:0|>The first sentence of a reply that a language model is still writing.",
+           "<|speaker:0|>A second sentence arrives later, while the first one is being spoken.",
+           "<|speaker:0|>And the last one closes the reply.")
+
+
+def test_session_appends_equal_one_dialogue_request(client, deployment):
+    """Text appended to a running session (one part while it waits, parked, for more) is spoken as one
+    stream equal to the same turns sent as one request; the prefill work is the same (new tokens only)."""
+    server = deployment[0]
+    fields = dict(seed=4, max_frames=7, chunk_length=100, first_chunk_frames=PLAN.first_chunk_frames,
+                  chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames)
+    prefill = _metric(_metrics(server), metrics.PREFILL.name)
+    whole = client.synthesize(" ".join(SESSION), **fields)
+    whole_prefill = _metric(_metrics(server), metrics.PREFILL.name) - prefill
+
+    async def run_session():
+        async with AsyncTTSClient(server.grpc_url, timeout_s=120) as aclient:
+            session = aclient.open_session(SESSION[0], **fields)
+            chunks = []
+
+            async def consume():
+                async for chunk in session.chunks():
+                    chunks.append(chunk)
+
+            task = asyncio.create_task(consume())
+            await session.append(SESSION[1])
+            await asyncio.sleep(1.5)                          # the session has run out of text and waits
+            await session.append(SESSION[2], end=True)
+            await task
+            with pytest.raises(NotFound, match="^request_id: no session"):
+                await session.append("Too late.")
+            return chunks
+
+    prefill = _metric(_metrics(server), metrics.PREFILL.name)
+    chunks = asyncio.run(run_session())
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    audio = np.concatenate([c.audio for c in chunks])
+    assert audio.shape == whole.audio.shape and np.allclose(audio, whole.audio, atol=1e-4)
+    assert _metric(_metrics(server), metrics.PREFILL.name) - prefill == whole_prefill
+    assert _metric(_metrics(server), metrics.ACTIVE.name) == 0 and client.ready()
+
+
 def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
     server = deployment[0]
     frames_before = _metric(_metrics(server), metrics.FRAMES.name)

@@ -77,11 +77,16 @@ TTS_INPUTS = (
     _s("CONTEXT_FRAMES", np.int32, optional=True),
     _s("SAMPLE_FORMAT", np.object_, optional=True),
     _s("CHUNK_LENGTH", np.int32, optional=True),           # UTF-8 bytes per speaker-turn batch (upstream's)
+    _s("OPEN_INPUT", np.bool_, optional=True),             # a session: more text follows (APPEND to tts)
 )
-# tts (the client-facing entry): a synthesis (TTS_INPUTS, TEXT required) or a stop (STOP and REQUEST_ID alone:
-# the server-issued id that the stream's own responses carry)
+# tts (the client-facing entry): a synthesis (TTS_INPUTS, TEXT required), a stop (STOP and REQUEST_ID alone:
+# the server-issued id that the stream's own responses carry), or a session's next text (APPEND, REQUEST_ID,
+# TEXT and/or END_INPUT). A session's stream starts with a response that carries only its REQUEST_ID
+# (CHUNK_INDEX -1, no audio), so that its owner can append before any audio exists.
 ENTRY_INPUTS = tuple(TensorSpec(s.name, s.dtype, s.dims, True) if s.name == "TEXT" else s for s in TTS_INPUTS) + (
-    _s("STOP", np.bool_, optional=True), _s("REQUEST_ID", np.object_, optional=True))
+    _s("STOP", np.bool_, optional=True), _s("REQUEST_ID", np.object_, optional=True),
+    _s("APPEND", np.bool_, optional=True), _s("END_INPUT", np.bool_, optional=True))
+SESSION_ANNOUNCE_INDEX = -1
 TTS_OUTPUTS = (                       # = postprocess outputs; one response per chunk
     _s("AUDIO", np.float32, (-1,)),           # samples of the chunk if SAMPLE_FORMAT is float32, else empty
     _s("AUDIO_INT16", np.int16, (-1,)),       # samples of the chunk if SAMPLE_FORMAT is int16, else empty
@@ -106,11 +111,16 @@ GENERATE_INPUTS = (
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
     _s("TURN_STARTS", np.int32, (-1,), optional=True),    # a dialogue: the PROMPT column where each later
-)                                                         # batch's segment starts (empty: one batch)
+                                                          # batch's segment starts (empty: one batch)
+    _s("OPEN_INPUT", np.bool_, optional=True),            # a session (segments follow as APPEND requests)
+)
 # dual_ar inputs: a generation (all GENERATE_INPUTS and REQUEST_ID) or a stop (STOP and REQUEST_ID):
 # the stop ends the running request with that server-issued id (tts sends it when its client is gone:
 # ensembles do not pass a client's cancellation on to a running step).
-DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("REQUEST_ID", np.object_, optional=True), _s("STOP", np.bool_, optional=True))
+# An append (APPEND, REQUEST_ID, PROMPT = the segments of a session's next text with TURN_STARTS, END_INPUT)
+# gives a running session its next batches.
+DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("REQUEST_ID", np.object_, optional=True), _s("STOP", np.bool_, optional=True),
+                                    _s("APPEND", np.bool_, optional=True), _s("END_INPUT", np.bool_, optional=True))
 DUAL_AR_OUTPUTS = (
     _s("CODES", np.int64, ("codebooks", -1)),             # [codebooks, context + new frames]
     _s("CHUNK_META", np.int64, (4,)),                     # see ChunkMeta
@@ -280,6 +290,7 @@ class TTSRequest:
     max_frames: int              # per batch (upstream's max_new_tokens); the request: the engine's max_frames
     chunk_plan: ChunkPlan
     sample_format: str
+    open_input: bool = False     # a session: its text is the first part, more follows
 
 
 def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
@@ -310,7 +321,8 @@ def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
         raise InvalidArgument("sample_format", f"expected one of {list(SAMPLE_FORMATS)}, got {sample_format!r}")
     batches = check_dialogue(text, len(voice_ids) + (reference is not None), limits.max_voices, limits.max_turns,
                              value("CHUNK_LENGTH", SERVER_CHUNK_LENGTH))
-    return TTSRequest(text, tuple(batches), voice_ids, reference, params, max_frames, plan, sample_format)
+    return TTSRequest(text, tuple(batches), voice_ids, reference, params, max_frames, plan, sample_format,
+                      bool(value("OPEN_INPUT", False)))
 
 
 def _voice_ids(get: Getter) -> tuple[str, ...]:
@@ -383,6 +395,16 @@ class GenerateRequest:
     chunk_plan: ChunkPlan
     format_code: int
     start_ns: int
+    open_input: bool = False
+
+
+@dataclass(frozen=True)
+class AppendRequest:
+    """A running session's next segments (none: only the end of its input)."""
+
+    request_id: str
+    segments: tuple[np.ndarray, ...]
+    end: bool
 
 
 def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start_ns: int,
@@ -399,7 +421,7 @@ def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start
             "CHUNK_PLAN": np.array(req.chunk_plan.as_list(), np.int32),
             "FORMAT_CODE": np.array([SAMPLE_FORMATS.index(req.sample_format)], np.int32),
             "START_NS": np.array([start_ns], np.int64),
-            "TURN_STARTS": starts.astype(np.int32)}
+            "TURN_STARTS": starts.astype(np.int32), "OPEN_INPUT": np.array([req.open_input])}
 
 
 def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
@@ -411,6 +433,16 @@ def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
         if present:
             raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
         return StopRequest(request_id)
+    if _one(get, specs["APPEND"]):
+        if set(present) - {"PROMPT", "TURN_STARTS"}:
+            raise InvalidArgument("append", f"an append carries only REQUEST_ID, PROMPT, TURN_STARTS and END_INPUT, got "
+                                            f"{present}")
+        prompt = get("PROMPT")
+        if prompt is not None and (prompt.ndim != 2 or prompt.dtype.kind not in "iu" or prompt.shape[1] == 0):
+            raise InvalidArgument("prompt", f"expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
+        segments = () if prompt is None else tuple(
+            np.split(prompt.astype(np.int64), _turn_starts(get("TURN_STARTS"), prompt.shape[1]), axis=1))
+        return AppendRequest(request_id, segments, bool(_one(get, specs["END_INPUT"])))
     prompt = get("PROMPT")
     if prompt is None:
         raise InvalidArgument("prompt", "required")
@@ -431,7 +463,7 @@ def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
                               seed=scalars["SEED"]),
         max_frames=integer("max_frames", scalars["MAX_FRAMES"], 1, 1 << 31),
         chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
-        format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
+        format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"], open_input=bool(scalars["OPEN_INPUT"]))
 
 
 def _turn_starts(starts: np.ndarray | None, length: int) -> list[int]:
@@ -446,17 +478,68 @@ def _turn_starts(starts: np.ndarray | None, length: int) -> list[int]:
     return [int(v) for v in values]
 
 
-def parse_entry_stop(get: Getter) -> str | None:
-    """The server-issued id of a stop request to tts (STOP and REQUEST_ID alone), None for a synthesis."""
+@dataclass(frozen=True)
+class EntryAppend:
+    """A session's next text (None: only the end of its input), sent to tts by the session's owner."""
+
+    request_id: str
+    text: str | None
+    end: bool
+
+
+def parse_entry_control(get: Getter, max_text_bytes: int) -> StopRequest | EntryAppend | None:
+    """A stop (STOP and REQUEST_ID alone) or a session's append (APPEND, REQUEST_ID, TEXT and/or END_INPUT)
+    sent to tts; None for a synthesis, which must not carry a REQUEST_ID (ids are issued by the server)."""
     specs = {s.name: s for s in ENTRY_INPUTS}
-    if not _one(get, specs["STOP"]):
-        if get("REQUEST_ID") is not None:
-            raise InvalidArgument("request_id", "only a stop request carries one (ids are issued by the server)")
+    stop, append = _one(get, specs["STOP"]), _one(get, specs["APPEND"])
+    if not (stop or append):
+        for name in ("REQUEST_ID", "END_INPUT"):
+            if get(name) is not None:
+                raise InvalidArgument(name.lower(), "only a stop or an append carries one")
         return None
-    present = [s.name for s in TTS_INPUTS if get(s.name) is not None]
-    if present:
-        raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
-    return check_request_id(_one(get, specs["REQUEST_ID"]))
+    allowed = set() if stop else {"TEXT"}
+    present = [s.name for s in TTS_INPUTS if get(s.name) is not None and s.name not in allowed]
+    if present or (stop and append):
+        what = "a stop request carries only REQUEST_ID" if stop else "an append carries only REQUEST_ID, TEXT and END_INPUT"
+        raise InvalidArgument("stop" if stop else "append", f"{what}, got {present or ['STOP', 'APPEND']}")
+    request_id = check_request_id(_one(get, specs["REQUEST_ID"]))
+    if stop:
+        return StopRequest(request_id)
+    text, end = _one(get, specs["TEXT"]), bool(_one(get, specs["END_INPUT"]))
+    if text is not None:
+        if not text.strip():
+            raise InvalidArgument("text", "must not be empty (send END_INPUT alone to end the session)")
+        if len(text.encode("utf-8")) > max_text_bytes:
+            raise InvalidArgument("text", f"{len(text.encode('utf-8'))} bytes, the limit is {max_text_bytes}")
+    elif not end:
+        raise InvalidArgument("text", "required in an append without END_INPUT")
+    return EntryAppend(request_id, text, end)
+
+
+def announce_tensors(request_id: str) -> dict[str, np.ndarray]:
+    """The first response of a session's stream: its id, no audio (CHUNK_INDEX SESSION_ANNOUNCE_INDEX)."""
+    return {"AUDIO": np.zeros(0, np.float32), "AUDIO_INT16": np.zeros(0, np.int16),
+            "CHUNK_INDEX": np.array([SESSION_ANNOUNCE_INDEX], np.int32), "SAMPLE_RATE": np.array([0], np.int32),
+            "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
+
+
+def append_tensors(request_id: str, text: str | None, end: bool) -> dict[str, np.ndarray]:
+    """The tts inputs of a session's append."""
+    out = {"APPEND": np.array([True]), "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_),
+           "END_INPUT": np.array([end])}
+    if text is not None:
+        out["TEXT"] = np.array([text.encode("utf-8")], dtype=np.object_)
+    return out
+
+
+def dual_ar_append_tensors(request_id: str, segments: tuple[np.ndarray, ...], end: bool) -> dict[str, np.ndarray]:
+    """dual_ar's inputs for a session's next segments (concatenated in PROMPT, TURN_STARTS where each starts)."""
+    out = {"APPEND": np.array([True]), "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_),
+           "END_INPUT": np.array([end])}
+    if segments:
+        out["PROMPT"] = np.ascontiguousarray(np.concatenate(segments, axis=1), dtype=np.int64)
+        out["TURN_STARTS"] = np.cumsum([s.shape[1] for s in segments[:-1]]).astype(np.int32)
+    return out
 
 
 def stop_tensors(request_id: str) -> dict[str, np.ndarray]:
@@ -471,7 +554,8 @@ def tts_inputs(text: str, *, voice_id: str | list[str] | None = None, reference_
                temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                seed: int | None = None, max_frames: int | None = None, first_chunk_frames: int | None = None,
                chunk_frames: int | None = None, context_frames: int | None = None,
-               sample_format: str | None = None, chunk_length: int | None = None) -> dict[str, np.ndarray]:
+               sample_format: str | None = None, chunk_length: int | None = None,
+               open_input: bool | None = None) -> dict[str, np.ndarray]:
     """The tensors of a tts request; fields left None are not sent (the server's defaults apply).
     ``voice_id``: one registered voice, or a list (voice i speaks the text's ``<|speaker:i|>`` turns).
     A value that its tensor type cannot hold is an InvalidArgument naming the field (never a wrap)."""
@@ -480,7 +564,8 @@ def tts_inputs(text: str, *, voice_id: str | list[str] | None = None, reference_
                                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                     max_frames=max_frames, first_chunk_frames=first_chunk_frames,
                                     chunk_frames=chunk_frames, context_frames=context_frames,
-                                    sample_format=sample_format, chunk_length=chunk_length))
+                                    sample_format=sample_format, chunk_length=chunk_length,
+                                    open_input=open_input))
 
 
 def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
@@ -506,7 +591,10 @@ def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray
             out[spec.name] = np.array([x.encode("utf-8") for x in (v if many else [v])], dtype=np.object_)
         elif spec.dims == (1,):
             kind = np.dtype(spec.dtype).kind
-            if kind in "iu":
+            if kind == "b":
+                if not isinstance(v, (bool, np.bool_)):
+                    raise InvalidArgument(field, f"expected true or false, got {v!r}")
+            elif kind in "iu":
                 info = np.iinfo(spec.dtype)
                 integer(field, v, int(info.min), int(info.max))
             elif isinstance(v, bool) or not isinstance(v, (int, float, np.number)):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..request import Cancelled, from_wire
+from ..request import Cancelled, NotFound, from_wire
 from ..request.errors import client_gone
 from . import protocol
 from .adapter import triton_error
@@ -33,10 +33,21 @@ log = logging.getLogger(__name__)
 class _Stream:
     request_id: str
     sender: object
+    session: "Session | None" = None   # a session (open input): what its appends are checked against
     stop_sent: bool = False
     owner_stopped: bool = False   # stopped at its owner's request: the client is there to be told
     done: bool = False      # FINAL sent: the sender must not be touched again (Triton frees it)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Session:
+    """What a session's later text is checked against: its voices (speaker tags), its batch size, and the
+    turns it has had so far."""
+
+    voices: int
+    chunk_length: int
+    turns: int
 
 
 class Relay:
@@ -51,9 +62,10 @@ class Relay:
 
     # ------------------------------------------------------------------ per stream
 
-    def start(self, request_id: str, inputs: dict[str, np.ndarray], sender) -> None:
-        """Relay one request (runs on its own thread; returns at once)."""
-        stream = _Stream(request_id, sender)
+    def start(self, request_id: str, inputs: dict[str, np.ndarray], sender, session: Session | None = None) -> None:
+        """Relay one request (runs on its own thread; returns at once). A session's stream starts with a
+        response that carries only its id (so that its owner can append before any audio exists)."""
+        stream = _Stream(request_id, sender, session)
         with self._lock:
             self._streams[request_id] = stream
         threading.Thread(target=self._run, args=(stream, inputs), name="fish-s2-relay", daemon=True).start()
@@ -61,6 +73,9 @@ class Relay:
     def _run(self, stream: _Stream, inputs: dict[str, np.ndarray]) -> None:
         pb, final_error = self.pb, None
         try:
+            if stream.session is not None:
+                stream.sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(k, v) for k, v in protocol.announce_tensors(stream.request_id).items()]))
             request = pb.InferenceRequest(
                 model_name=protocol.TTS_PIPELINE, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
                 requested_output_names=[s.name for s in protocol.TTS_OUTPUTS])
@@ -128,6 +143,27 @@ class Relay:
         stream.owner_stopped = True
         self.stop(stream)
         return True
+
+    def session(self, request_id: str) -> tuple[_Stream, Session]:
+        """The live session with this server-issued id (NotFound: none, or it has ended)."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None or stream.session is None or stream.stop_sent:
+            raise NotFound("request_id", "no session with this id is running on this server")
+        return stream, stream.session
+
+    def append(self, stream: _Stream, segments: tuple[np.ndarray, ...], end: bool) -> None:
+        """Give a session's engine request its next segments (and/or the end of its input); dual_ar's
+        error (the session ended meanwhile, over its tokens) is raised typed."""
+        pb = self.pb
+        inputs = [pb.Tensor(k, v) for k, v in protocol.dual_ar_append_tensors(stream.request_id, segments, end).items()]
+        request = pb.InferenceRequest(model_name=protocol.DUAL_AR, inputs=inputs, requested_output_names=["CHUNK_META"])
+        error = None
+        for response in request.exec(decoupled=True):   # drained to its end
+            if response.has_error() and error is None:
+                error = from_wire(response.error().message())
+        if error is not None:
+            raise error
 
     def live(self) -> int:
         with self._lock:

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from ..config import DualARConfig
 from ..engine.config import EngineConfig, check_request
-from ..request import Event, EngineRequest, Internal, InvalidArgument, Lifecycle, Live, RequestHandle, Unavailable
+from ..request import (Event, EngineRequest, Internal, InvalidArgument, Lifecycle, Live, NotFound, RequestHandle,
+                       Unavailable)
 from ..sampling import seed_to_key
 from .hf_config import FishS2Config
 from .model import CODES_OUTPUT, failed_frames, request_inputs
@@ -138,6 +139,10 @@ class TrtllmEngine:
 
     def cancel(self, request_id: str) -> bool:
         return self.lifecycle.cancel(request_id)
+
+    def append(self, request_id: str, segment=None, end: bool = False) -> None:
+        """Sessions are the torch engine's (refused at submit here), so no request of this engine takes text."""
+        raise NotFound("request_id", f"no session {request_id!r} in flight (this server runs TensorRT-LLM)")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Refuse new requests, abort everything in flight (each gets Finished "cancelled"), then stop

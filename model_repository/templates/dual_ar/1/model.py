@@ -58,8 +58,16 @@ class TritonPythonModel:
                     self.engine.cancel(gen.request_id)
                     sender.send(flags=FINAL)
                     continue
+                if isinstance(gen, protocol.AppendRequest):
+                    for i, segment in enumerate(gen.segments):
+                        self.engine.append(gen.request_id, segment, end=gen.end and i == len(gen.segments) - 1)
+                    if not gen.segments:
+                        self.engine.append(gen.request_id, end=gen.end)
+                    sender.send(flags=FINAL)
+                    continue
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
                                     chunk_plan=gen.chunk_plan, request_id=gen.request_id, turns=gen.turns,
+                                    open_input=gen.open_input,
                                     is_cancelled=sender.is_cancelled)
                 self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal

@@ -45,6 +45,7 @@ from aiohttp import web
 from ..client import AsyncTTSClient, AudioChunk
 from ..request import Internal, InvalidArgument, RequestError
 from . import protocol
+from .speech_stream import SpeechStreams, StreamLimits
 
 DEFAULT_MODEL = "fish-s2-pro"
 FORMATS = ("wav", "pcm")
@@ -147,13 +148,16 @@ def _unauthorized() -> web.Response:
 
 
 class SpeechServer:
-    def __init__(self, triton_url: str, model_name: str = DEFAULT_MODEL, api_key: str | None = None):
+    def __init__(self, triton_url: str, model_name: str = DEFAULT_MODEL, api_key: str | None = None,
+                 stream_limits: StreamLimits = StreamLimits()):
         self.triton_url, self.model_name, self.api_key = triton_url, model_name, api_key
         self.client: AsyncTTSClient | None = None
+        self.streams = SpeechStreams(lambda: self.client, model_name, stream_limits)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/v1/audio/speech", self.speech)
+        app.router.add_get("/v1/audio/speech/stream", self.speech_stream)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/voices", self.list_voices)
         app.router.add_post("/v1/voices", self.register_voice)
@@ -175,6 +179,12 @@ class SpeechServer:
             return True
         given = request.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode())
+
+    async def speech_stream(self, request: web.Request) -> web.StreamResponse:
+        """The WebSocket text-in, speech-out session (:mod:`fish_s2.serving.speech_stream`)."""
+        if not self._authorized(request):
+            return _unauthorized()
+        return await self.streams.handle(request)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -258,10 +268,11 @@ class SpeechProcess:
     """The endpoint as a child process beside Triton (``make serve SERVE_ARGS=--openai-port 8080``)."""
 
     def __init__(self, triton_url: str, host: str, port: int, model_name: str = DEFAULT_MODEL,
-                 api_key: str | None = None, env: dict[str, str] | None = None):
-        """``env``: extra environment (e.g. ``FISH_S2_ADMIN_KEY``, forwarded to Triton for voice changes)."""
+                 api_key: str | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+        """``env``: extra environment (e.g. ``FISH_S2_ADMIN_KEY``, forwarded to Triton for voice changes);
+        ``args``: more command-line options (e.g. ``--max-sessions 4``)."""
         self.triton_url, self.host, self.port, self.model_name, self.api_key = triton_url, host, port, model_name, api_key
-        self.env = env or {}
+        self.env, self.args = env or {}, tuple(args)
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -276,7 +287,8 @@ class SpeechProcess:
         if self.api_key:
             env["FISH_S2_API_KEY"] = self.api_key
         self._proc = subprocess.Popen([sys.executable, "-m", "fish_s2.serving.openai_api", "--triton", self.triton_url,
-                                       "--host", self.host, "--port", str(self.port), "--model-name", self.model_name],
+                                       "--host", self.host, "--port", str(self.port), "--model-name", self.model_name,
+                                       *self.args],
                                       env=env)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -313,8 +325,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-name", default=DEFAULT_MODEL)
     ap.add_argument("--api-key", default=os.environ.get("FISH_S2_API_KEY"),
                     help="require 'Authorization: Bearer KEY' (default: $FISH_S2_API_KEY, unset = open)")
+    defaults = StreamLimits()
+    ap.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                    help="WebSocket text sessions open at once (/v1/audio/speech/stream)")
+    ap.add_argument("--session-idle-timeout", type=float, default=defaults.idle_timeout_s,
+                    help="seconds a text session may go without a message before 'end'")
     args = ap.parse_args(argv)
-    server = SpeechServer(args.triton, args.model_name, args.api_key)
+    limits = StreamLimits(max_sessions=args.max_sessions, idle_timeout_s=args.session_idle_timeout)
+    server = SpeechServer(args.triton, args.model_name, args.api_key, limits)
     web.run_app(server.app(), host=args.host, port=args.port, print=None)
 
 

@@ -1,0 +1,83 @@
+"""Text in while it is being written, speech out as one stream: a Triton session fed segment by segment.
+
+:class:`TextSession` cuts the text it is given (:class:`~fish_s2.request.segmenter.Segmenter`: sentences,
+clauses past a length bound, what :meth:`TextSession.flush` asks for), opens the server-side session with
+the first segment and appends each later one as the next turn of the same engine request
+(:meth:`fish_s2.client.AsyncTTSClient.open_session`): one stream, one chunk numbering, only new tokens
+prefilled. Used by ``say --stream-text`` and the bridge's WebSocket endpoint::
+
+    async with AsyncTTSClient(url) as client:
+        session = TextSession(client, voice_id="alice")
+        async def feed():
+            async for delta in llm_stream():
+                await session.send_text(delta)
+            await session.end()
+        asyncio.create_task(feed())
+        async for chunk in session.chunks():
+            play(chunk.audio)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from .client import AsyncTTSClient, AudioChunk
+from .request.segmenter import Segmenter
+
+
+class TextSession:
+    def __init__(self, client: AsyncTTSClient, max_segment_chars: int = 200, **fields):
+        """``fields``: the tts request fields (voice_id, seed, sample_format, ...), as for a single request."""
+        self.client, self.fields = client, fields
+        self.segmenter = Segmenter(max_segment_chars)
+        self._segments: asyncio.Queue = asyncio.Queue()   # str, then None at the end of input
+        self.input_ended = False
+        self.ended_by_server = False    # the server ended the stream before the input ended (its frame limit)
+
+    async def send_text(self, delta: str) -> None:
+        await self._put(self.segmenter.push(delta))
+
+    async def flush(self) -> None:
+        """Speak what has arrived so far, even mid-sentence."""
+        await self._put(self.segmenter.flush())
+
+    async def end(self) -> None:
+        """No more text: the stream ends once everything sent is spoken."""
+        if not self.input_ended:
+            await self.flush()
+            self.input_ended = True
+            await self._segments.put(None)
+
+    @property
+    def has_pending_text(self) -> bool:
+        return bool(self.segmenter.buffer.strip())
+
+    async def _put(self, segments: list[str]) -> None:
+        for segment in segments:
+            await self._segments.put(segment)
+
+    async def chunks(self) -> AsyncIterator[AudioChunk]:
+        """The session's audio chunks in order (nothing if it ends before any text)."""
+        first = await self._segments.get()
+        if first is None:
+            return
+        session = self.client.open_session(first, **self.fields)
+        appender = asyncio.create_task(self._append(session))
+        try:
+            async for chunk in session.chunks():
+                yield chunk
+        finally:
+            if not appender.done():
+                appender.cancel()
+                with contextlib.suppress(BaseException):
+                    await appender
+        if not appender.cancelled() and appender.exception() is not None:
+            raise appender.exception()
+        self.ended_by_server = not (self.input_ended and appender.done() and not appender.cancelled())
+
+    async def _append(self, session) -> None:
+        while (segment := await self._segments.get()) is not None:
+            await session.append(segment)
+        await session.append(end=True)

@@ -1,0 +1,154 @@
+"""Streaming text in, audio out: the segmenter, and the WebSocket session of the bridge against a real
+Triton server (CPU profile, tiny checkpoint): text sent word by word is one stream equal to the same
+segments as one request, a closed socket frees its slot, bad session input is named."""
+
+import asyncio
+import base64
+import re
+import time
+import urllib.request
+
+import aiohttp
+import numpy as np
+import pytest
+
+from fish_s2.client import TTSClient
+from fish_s2.request.segmenter import Segmenter
+from fish_s2.serving import metrics
+from fish_s2.serving.openai_api import DEFAULT_MODEL, SpeechProcess
+from fish_s2.serving.repository import generate
+from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
+
+
+def test_segments_end_at_sentences_never_mid_word_and_keep_the_speaker():
+    s = Segmenter(40)
+    out = []
+    for word in ("<|speaker:1|>Hello there. It costs 3.5 dollars, which is fine! Now a long clause without an end "
+                 "of sentence anywhere in sight").split(" "):
+        out += s.push(word + " ")
+    out += s.flush()
+    assert out[:2] == ["<|speaker:1|>Hello there.", "<|speaker:1|>It costs 3.5 dollars, which is fine!"]
+    assert all(o.startswith("<|speaker:1|>") and len(o) <= 40 + 13 for o in out)
+    words = " ".join(re.sub(r"<\|speaker:\d\|>", "", o) for o in out).split()
+    assert words == "Hello there. It costs 3.5 dollars, which is fine! Now a long clause without an end of sentence " \
+                    "anywhere in sight".split()
+    assert Segmenter().push("No end yet") == [] and Segmenter().flush() == []
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint, tmp_path_factory):
+    try:
+        pytriton_dist()
+    except FileNotFoundError as e:
+        pytest.skip(f"no Triton server binary: {e}")
+    root = tmp_path_factory.mktemp("textstream")
+    generate("cpu", tiny_checkpoint, root / "art", root / "repo")
+    triton = TritonServer(root / "repo", root / "run", *free_ports(3)).start()
+    bridge = SpeechProcess(triton.grpc_url, "127.0.0.1", free_ports(1)[0],
+                           args=("--max-sessions", "10", "--session-idle-timeout", "2")).start()
+    yield triton, bridge
+    bridge.stop()
+    triton.stop()
+
+
+def _metric(server, name: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        return float(re.search(rf"^{name} (\S+)$", r.read().decode(), re.M).group(1))
+
+
+START = {"type": "start", "model": DEFAULT_MODEL, "seed": 6, "max_frames": 6, "chunk_length": 100}
+REPLY = ("<|speaker:0|>Hello there, this is the first sentence of a streamed reply. "
+         "Here comes the second sentence, written a moment later by the model. "
+         "And finally a third one that closes the answer for today.")
+
+
+async def _session(url, messages, delay=0.0, close_after_chunks=None):
+    """Send the messages (a delay between them), collect the events and the audio."""
+    events, audio = [], []
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/v1/audio/speech/stream") as ws:
+        async def send():
+            for m in messages:
+                await ws.send_json(m)
+                await asyncio.sleep(delay)
+
+        sender = asyncio.create_task(send())
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                audio.append(np.frombuffer(msg.data, "<i2"))
+                continue
+            event = msg.json()
+            events.append(event)
+            if event["type"] == "audio" and "data" in event:
+                audio.append(np.frombuffer(base64.b64decode(event["data"]), "<i2"))
+            if close_after_chunks and sum(e["type"] == "audio" for e in events) == close_after_chunks:
+                await ws.close()
+                break
+        sender.cancel()
+    return events, (np.concatenate(audio) if audio else np.zeros(0, np.int16))
+
+
+def test_text_word_by_word_is_one_stream_equal_to_one_request(servers):
+    triton, bridge = servers
+    segments = Segmenter().push(REPLY + " ")
+    assert len(segments) == 3
+    with TTSClient(triton.grpc_url, timeout_s=120) as client:
+        client.synthesize("Warm up.", max_frames=2)        # the voiceless system block into the prefix cache
+        prefill = _metric(triton, metrics.PREFILL.name)
+        whole = client.synthesize(" ".join(segments), seed=6, max_frames=6, chunk_length=100, sample_format="int16")
+        whole_prefill = _metric(triton, metrics.PREFILL.name) - prefill
+    messages = [START] + [{"type": "text", "text": w + " "} for w in REPLY.split(" ")] + [{"type": "end"}]
+    prefill = _metric(triton, metrics.PREFILL.name)
+    events, audio = asyncio.run(_session(bridge.url, messages, delay=0.02))
+    assert _metric(triton, metrics.PREFILL.name) - prefill == whole_prefill      # only new tokens per segment
+    assert events[0] == {"type": "started"} and events[-1] == {"type": "done", "reason": "end"}
+    indices = [e["index"] for e in events if e["type"] == "audio"]
+    assert indices == list(range(len(indices)))
+    assert audio.size == whole.audio.size == (5 + 5 + 6) * 2048 and np.abs(audio - whole.audio).max() <= 4
+
+
+def test_closing_the_socket_frees_the_slot_and_later_sessions_succeed(servers):
+    triton, bridge = servers
+    long = [START | {"max_frames": 400}, {"type": "text", "text": "A sentence that is still being spoken when the "
+                                                                 "listener hangs up. "}]
+    events, _ = asyncio.run(_session(bridge.url, long, close_after_chunks=2))
+    deadline = time.monotonic() + 5
+    while _metric(triton, metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(triton, metrics.ACTIVE.name) == 0
+
+    async def eight():
+        return await asyncio.gather(*(_session(bridge.url, [START | {"seed": i, "audio": "base64"},
+                                                            {"type": "text", "text": f"Session {i} speaks."},
+                                                            {"type": "end"}]) for i in range(8)))
+
+    for events, audio in asyncio.run(eight()):
+        assert events[-1] == {"type": "done", "reason": "end"} and audio.size == 6 * 2048
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([START | {"voice": "nobody"}, {"type": "text", "text": "Hi."}, {"type": "end"}], "voice_id"),
+    ([START, {"type": "text", "text": "Hi."}, {"type": "end"}, {"type": "text", "text": "More."}], "type"),
+    ([START, {"type": "text", "text": "x" * 5000}], "text"),
+    ([START, {"type": "text", "text": "Waiting forever"}], None),            # idle flush, then the idle timeout
+    ([START | {"temperature": 9}, {"type": "text", "text": "Hi."}, {"type": "end"}], "temperature"),  # the server's check
+    ([{"type": "text", "text": "no start"}], "type"),
+    ([START, {"type": "shout"}], "type"),
+    ([START, "not json"], "message"),
+])
+def test_bad_session_input_is_named_and_the_server_stays_healthy(servers, messages, field):
+    triton, bridge = servers
+
+    async def run():
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{bridge.url}/v1/audio/speech/stream") as ws:
+            for m in messages:
+                await (ws.send_str(m) if isinstance(m, str) else ws.send_json(m))
+            return [msg.json() for msg in [m async for m in ws] if msg.type == aiohttp.WSMsgType.TEXT]
+
+    events = asyncio.run(run())
+    done = events[-1]
+    assert done["type"] == "done" and done["reason"] == "error", events
+    assert done["field"] == (field or "idle_timeout") and done["error"].startswith(f"{done['field']}: ")
+    deadline = time.monotonic() + 5     # a session that had started is cancelled: its slot frees within a chunk
+    while _metric(triton, metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert triton.alive() and _metric(triton, metrics.ACTIVE.name) == 0

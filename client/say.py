@@ -2,6 +2,7 @@
 
     python client/say.py "Hello there." -o out.wav [--voice ID | --reference-audio A.wav --reference-text T]
     python client/say.py "<|speaker:0|>Hi! <|speaker:1|>Hello." -o out.wav --voice alice --voice bob
+    some-llm --stream | python client/say.py --stream-text -o reply.wav --voice alice
     python client/say.py voices add ID --reference-audio A.wav --reference-text "Transcript."
     python client/say.py voices list
     python client/say.py voices delete ID
@@ -24,7 +25,11 @@ from fish_s2.serving.protocol import SAMPLE_FORMATS
 
 def _say_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="say", description="text to speech through Triton (see also: say voices)")
-    ap.add_argument("text")
+    ap.add_argument("text", nargs="?", help="the text (omit with --stream-text)")
+    ap.add_argument("--stream-text", action="store_true",
+                    help="read the text from stdin as it arrives and speak it sentence by sentence as one stream")
+    ap.add_argument("--idle-flush", type=float, default=0.8,
+                    help="--stream-text: speak what has arrived after this many seconds without more text")
     ap.add_argument("-o", "--output", required=True, help="WAV file to write")
     voice = ap.add_mutually_exclusive_group()
     voice.add_argument("--voice", action="append", help="a registered voice id; repeat for a dialogue: the i-th "
@@ -64,7 +69,9 @@ def _say(args: argparse.Namespace, client: TTSClient) -> None:
     if args.reference_audio is not None:
         audio, rate = read_audio(args.reference_audio)
         fields.update(reference_audio=audio, reference_sample_rate=rate, reference_text=args.reference_text)
-    result = client.synthesize(args.text, **fields)
+    if args.stream_text == (args.text is not None):
+        raise ValueError("give the text, or --stream-text to read it from stdin (not both)")
+    result = _stream_text(args, fields) if args.stream_text else client.synthesize(args.text, **fields)
     result.write_wav(args.output)
     print(f"time to first audio: {result.time_to_first_audio * 1000:.0f} ms")
     print(f"RTF: {result.rtf:.3f} ({result.duration:.2f} s of audio in {result.elapsed:.2f} s)")
@@ -80,6 +87,44 @@ def _voices(args: argparse.Namespace, client: TTSClient) -> None:
             print(json.dumps(voice))
     else:
         print(json.dumps(client.delete_voice(args.voice_id)))
+
+
+def _stream_text(args: argparse.Namespace, fields: dict):
+    """stdin, as it arrives, through a TextSession: one stream, sentence by sentence."""
+    import asyncio
+    import codecs
+
+    from fish_s2.client import AsyncTTSClient, _Collector
+    from fish_s2.text_session import TextSession
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        collector = _Collector()
+        async with AsyncTTSClient(args.url) as aclient:
+            session = TextSession(aclient, **{k: v for k, v in fields.items() if v is not None})
+
+            async def feed():
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character split by a read
+                while True:
+                    try:
+                        data = await asyncio.wait_for(reader.read(256), args.idle_flush)
+                    except asyncio.TimeoutError:
+                        await session.flush()
+                        continue
+                    if not data:
+                        break
+                    await session.send_text(decoder.decode(data))
+                await session.end()
+
+            feeder = asyncio.create_task(feed())
+            async for chunk in session.chunks():
+                collector.add(chunk)
+            await feeder
+        return collector.result(fields.get("sample_format"))
+
+    return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,14 @@ segments as one request, a closed socket frees its slot, bad session input is na
 import asyncio
 import base64
 import re
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import aiohttp
+import soundfile as sf
 import numpy as np
 import pytest
 
@@ -18,6 +22,8 @@ from fish_s2.serving import metrics
 from fish_s2.serving.openai_api import DEFAULT_MODEL, SpeechProcess
 from fish_s2.serving.repository import generate
 from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
+
+SAY = Path(__file__).resolve().parents[1] / "client" / "say.py"
 
 
 def test_segments_end_at_sentences_never_mid_word_and_keep_the_speaker():
@@ -152,3 +158,19 @@ def test_bad_session_input_is_named_and_the_server_stays_healthy(servers, messag
     while _metric(triton, metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert triton.alive() and _metric(triton, metrics.ACTIVE.name) == 0
+
+
+def test_say_reads_text_from_stdin_as_it_arrives(servers, tmp_path):
+    triton, _ = servers
+    out = tmp_path / "reply.wav"
+    say = subprocess.Popen([sys.executable, str(SAY), "--stream-text", "-o", str(out), "--url", triton.grpc_url,
+                            "--seed", "6", "--max-frames", "6", "--chunk-length", "100", "--format", "int16"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for word in REPLY.split(" "):                 # a language model writing, word by word
+        say.stdin.write(word + " ")
+        say.stdin.flush()
+        time.sleep(0.02)
+    say.stdin.close()
+    assert say.wait(120) == 0, say.stderr.read()
+    audio, rate = sf.read(out, dtype="int16")
+    assert rate == 44100 and audio.size == (5 + 5 + 6) * 2048

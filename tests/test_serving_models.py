@@ -56,8 +56,8 @@ class InferenceResponse:
 
 
 class FakeMetric:
-    def __init__(self, buckets=None):
-        self.buckets, self.value, self.observed = buckets, 0, []
+    def __init__(self, buckets=None, labels=None):
+        self.buckets, self.value, self.observed, self.labels = buckets, 0, [], labels
 
     def increment(self, v):
         self.value += v
@@ -77,7 +77,7 @@ class MetricFamily:
         self.name, self.kind = name, kind
 
     def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
-        metric = MetricFamily.created[self.name] = FakeMetric(buckets)
+        metric = MetricFamily.created[self.name] = FakeMetric(buckets, labels)
         return metric
 
 
@@ -173,7 +173,7 @@ def repo(tiny_checkpoint, tmp_path_factory):
     return out / "repo"
 
 
-def _load(monkeypatch, repo, model, **patches):
+def _load(monkeypatch, repo, model, instance: dict | None = None, **patches):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATES / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -182,10 +182,10 @@ def _load(monkeypatch, repo, model, **patches):
         monkeypatch.setattr(module, name, value)
     config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-            "model_repository": str(repo / model)}
-    instance = module.TritonPythonModel()
-    instance.initialize(args)
-    return instance
+            "model_repository": str(repo / model), **(instance or {})}
+    loaded = module.TritonPythonModel()
+    loaded.initialize(args)
+    return loaded
 
 
 def _generate_inputs(fmt="int16", start_ns=42, rows=11):
@@ -329,3 +329,35 @@ def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
     for i in (0, 1, 2):
         assert np.array_equal(out[i].outputs["AUDIO"], np.full((1, 4 * codes[i].shape[2]), i, np.float32))
     assert out[3].error.code == TritonError.INTERNAL and "bad chunk" in out[3].error.message()
+
+
+def test_preprocess_refuses_new_requests_while_draining(monkeypatch, repo, tmp_path):
+    flag = tmp_path / "draining"
+    monkeypatch.setenv("FISH_S2_DRAIN_FILE", str(flag))
+    model = _load(monkeypatch, repo, "preprocess")
+    request = lambda: Request({"TEXT": np.array([b"Hello."], dtype=object)})   # noqa: E731
+    assert model.execute([request()])[0].error is None
+    flag.touch()                                         # what drain() does first
+    refused = model.execute([request()])[0].error
+    assert refused.code == TritonError.UNAVAILABLE and from_wire(refused.message()).status == "UNAVAILABLE"
+    flag.unlink()
+    assert model.execute([request()])[0].error is None
+
+
+def test_a_gpu_instance_runs_on_its_own_gpu(monkeypatch, repo, tiny_checkpoint):
+    """instance_group gpus: [0, 1, ...] gives one dual_ar instance per GPU; each builds its engine on the GPU
+    Triton names in its args, and labels its metrics with it."""
+    import torch
+
+    made, current = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    engine = FakeEngine(load_config(tiny_checkpoint)[0])
+    model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "GPU", "model_instance_device_id": "1"},
+                  build_engine=lambda cfg: made.append(cfg.device) or engine)
+    assert made == ["cuda:1"] and current == [1]
+    assert MetricFamily.created[metrics.ACTIVE.name].labels == {"gpu": "1"}
+    model.finalize()
+    model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "CPU", "model_instance_device_id": "0"},
+                  build_engine=lambda cfg: made.append(cfg.device) or engine)
+    assert made[-1] == "cpu" and MetricFamily.created[metrics.ACTIVE.name].labels == {}
+    model.finalize()

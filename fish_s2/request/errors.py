@@ -74,6 +74,10 @@ ERRORS: dict[str, type[RequestError]] = {
     c.status: c for c in (InvalidArgument, NotFound, AlreadyExists, Unavailable, Busy, Cancelled, Internal)}
 _TAG = re.compile(r"\s*\[fish-s2:([A-Z_]+)\]\s*$")
 _PREFIX = re.compile(r"^(in ensemble '[^']*', )+")      # what a Triton ensemble puts before a step's error
+# Triton's own untagged refusals while it shuts down (core: InferenceServer::Stop, the schedulers' Enqueue;
+# then, while the models unload, "Request for unknown model: 'tts' has no available versions"): the request
+# never started, so another replica may take it
+_TRITON_STOPPING = re.compile(r"Server is stopping|stopped accepting new inference requests|has no available versions")
 _GRPC = {"INVALID_ARGUMENT": InvalidArgument, "NOT_FOUND": NotFound, "ALREADY_EXISTS": AlreadyExists,
          "UNAVAILABLE": Unavailable, "RESOURCE_EXHAUSTED": Busy, "CANCELLED": Cancelled}
 
@@ -84,7 +88,8 @@ def to_wire(error: RequestError) -> str:
 
 
 def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
-    """The typed error of a server's message: by its tag, else by the call's gRPC status code.
+    """The typed error of a server's message: by its tag, else by the call's gRPC status code (Triton's
+    untagged shutdown refusals are Unavailable).
 
     Fields of InvalidArgument / NotFound / AlreadyExists are read back from the ``field: ...`` form
     these classes give their messages."""
@@ -92,6 +97,8 @@ def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
     tagged = _TAG.search(message)
     if tagged and tagged.group(1) in ERRORS:
         cls, message = ERRORS[tagged.group(1)], message[:tagged.start()]
+    elif _TRITON_STOPPING.search(message):
+        cls = Unavailable
     else:
         cls = _GRPC.get((grpc_code or "").upper(), Internal)
     return rebuild(cls, message)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, load_model_settings
-from fish_s2.serving.runtime import build_codec_decoder, configure_threads
+from fish_s2.serving.runtime import build_codec_decoder, configure_threads, on_instance_device
 
 
 class TritonPythonModel:
@@ -19,7 +19,7 @@ class TritonPythonModel:
         model_config, cfg = load_model_settings(args)
         check_io(model_config, protocol.CODEC_INPUTS, protocol.CODEC_OUTPUTS)
         configure_threads(cfg)
-        self.decoder = build_codec_decoder(cfg)
+        self.decoder = build_codec_decoder(on_instance_device(cfg, args))
 
     def execute(self, requests):
         codes = [pb_utils.get_input_tensor_by_name(r, "CODES").as_numpy() for r in requests]  # [1, nc, F] each

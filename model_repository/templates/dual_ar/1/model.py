@@ -22,7 +22,7 @@ from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.serving.metrics import EngineMetrics
-from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side
+from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side, on_instance_device
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,8 +35,10 @@ class TritonPythonModel:
             raise ValueError("dual_ar: config.pbtxt must set model_transaction_policy { decoupled: true }")
         check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
         configure_threads(self.cfg)
+        self.cfg = on_instance_device(self.cfg, args)      # one engine per GPU: this instance's GPU
         self.engine = build_engine(self.cfg)
-        self.metrics = EngineMetrics(pb_utils)
+        gpu = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
+        self.metrics = EngineMetrics(pb_utils, None if gpu is None else {"gpu": str(gpu)})
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()

@@ -4,7 +4,8 @@ Inputs: the tts inputs (TEXT; VOICE_ID, or REFERENCE_AUDIO + REFERENCE_SAMPLE_RA
 REFERENCE_TEXT; TEMPERATURE, TOP_P, TOP_K, SEED, MAX_FRAMES; FIRST_CHUNK_FRAMES, CHUNK_FRAMES,
 CONTEXT_FRAMES; SAMPLE_FORMAT), all but TEXT optional. Outputs: a complete generation request for
 dual_ar (PROMPT [rows, T], PREFIX_LEN = the voice's system block, the resolved sampling and chunk
-settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error naming the field.
+settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error naming the field; while the
+replica drains (:mod:`fish_s2.serving.drain`) every request gets UNAVAILABLE, so clients retry elsewhere.
 """
 
 import time
@@ -16,6 +17,7 @@ from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.request import InvalidArgument
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors
+from fish_s2.serving.drain import drain_file, refuse_if_draining
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
 from fish_s2.serving.voices import VoiceRegistry
 
@@ -30,6 +32,7 @@ class TritonPythonModel:
         self.voices = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
         self.limits = self.cfg.limits()
+        self.drain_flag = drain_file()
 
     def execute(self, requests):
         responses = []
@@ -42,6 +45,7 @@ class TritonPythonModel:
         return responses
 
     def _prepare(self, request, start_ns: int) -> dict:
+        refuse_if_draining(self.drain_flag)
         req = protocol.parse_tts_request(getter(pb_utils, request), self.limits)
         if req.voice_id is not None:
             references = [self.voices.get(req.voice_id).reference()]

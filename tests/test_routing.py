@@ -178,3 +178,26 @@ def test_voiced_requests_do_not_skew_the_rotation_of_the_others():
         firsts.append(router.order()[0])
         assert router.order("v")[0] == owner
     assert firsts == EPS[:2] * 2
+
+
+def test_fleet_benchmark_report():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+    import loadgen
+
+    eps = ["a:1", "b:1"]
+    before = [{"hits": 10, "misses": 2}, {"hits": 0, "misses": 0}]
+    after = [{"hits": 16, "misses": 2}, {"hits": 3, "misses": 1}]
+    replicas, rate = loadgen.replica_report(eps, {"a:1": 6, "b:1": 4}, before, after)
+    assert replicas == {"a:1": {"served": 6, "prefix_hits": 6, "prefix_misses": 0},
+                        "b:1": {"served": 4, "prefix_hits": 3, "prefix_misses": 1}} and rate == 0.9
+    assert loadgen.replica_report(eps, {"a:1": 1}, None, None) == ({"a:1": {"served": 1}, "b:1": {"served": 0}}, None)
+    level = loadgen.summarize([loadgen.Sample(True, 0.1, 0.2, 0.5, 1.0)], 1.0, 1) | {"replicas": replicas,
+                                                                                    "prefix_hit_rate": rate}
+    run = {"tag": "t", "mode": "voices", "url": "a:1,b:1", "machine": "m", "command": "c", "note": None,
+           "policy": "affinity", "levels": [level]}
+    md = loadgen.comparison_markdown({**run, "endpoints": eps, "runs": [run, {**run, "policy": "round_robin"}]})
+    assert "| affinity | 1 | 1 | 0 | 90.0% | 6 / 4 | 6/0 / 3/1 |" in md and "## round_robin routing" in md
+    assert "affinity 90.0% (9 hits, 1 misses); round_robin 90.0%" in md

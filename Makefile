@@ -11,7 +11,7 @@ TARGET ?= cpu
 TEXT   ?= Hello! [laugh] This is Fish S2 streaming from Triton.
 SERVE_ARGS ?=
 
-.PHONY: setup test demo serve tiny parity export bench perf-compare clean
+.PHONY: setup test demo serve tiny parity export bench perf-compare selfcheck clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ bench: setup
 # time to first audio: perf_analyzer vs our load generator on the CPU deployment (fails beyond 25%)
 perf-compare: setup tiny
 	$(PY) perf/compare_perf_analyzer.py --artifacts $(ARTIFACTS)
+
+# inside the GPU image (build/README.md): checks (a)-(e) on one GPU in under 5 minutes, one JSON on stdout,
+# exit status 1 on any failure; anywhere: make selfcheck SELFCHECK_PY=.venv/bin/python SELFCHECK_ARGS=--dry-run
+SELFCHECK_PY ?= python3
+SELFCHECK_ARGS ?=
+selfcheck:
+	@$(SELFCHECK_PY) build/selfcheck.py --out $(ARTIFACTS)/selfcheck $(SELFCHECK_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) demo.wav

@@ -50,7 +50,7 @@ class ProfileSettings:
     max_batch: int = 32                 # >= Triton's codec max_batch_size (gpu profile: 32)
     opt_batch: int = 8
     decoder_opt_frames: int = _CHUNKS.chunk_frames + _CHUNKS.context_frames
-    decoder_max_frames: int = max(_CHUNKS.first_chunk_frames, _CHUNKS.chunk_frames) + _CHUNKS.context_frames
+    decoder_max_frames: int = _CHUNKS.longest_chunk
     encoder_max_batch: int = 4
     encoder_opt_seconds: float = 10.0
     encoder_max_seconds: float = 30.0

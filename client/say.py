@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fish_s2.client import DEFAULT_URL, TTSClient, read_audio
 from fish_s2.request import RequestError
@@ -45,6 +46,7 @@ def _say_parser() -> argparse.ArgumentParser:
 def _voices_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="say voices", description="register, list and delete voices")
     ap.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    ap.add_argument("--admin-key-file", help="the server's admin key (register, delete); default: $FISH_S2_ADMIN_KEY")
     sub = ap.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add")
     add.add_argument("voice_id")
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     voices = bool(argv) and argv[0] == "voices"
     args = (_voices_parser() if voices else _say_parser()).parse_args(argv[1:] if voices else argv)
     try:
-        with TTSClient(args.url) as client:
+        key = Path(args.admin_key_file).read_text().strip() if getattr(args, "admin_key_file", None) else None
+        with TTSClient(args.url, admin_key=key) as client:
             (_voices if voices else _say)(args, client)
     except RequestError as e:   # refused (the message names the field) or failed
         print(f"error: {e}", file=sys.stderr)

@@ -4,8 +4,8 @@ Requests go over Triton's gRPC stream (``tritonclient.grpc``'s generated service
 stream per synthesis, so any number of them share a channel). Responses carry one audio chunk each,
 possibly out of order; :class:`ChunkReorderer` hands them on in index order as soon as the next one
 is there. The stream ends with Triton's final response. A stream abandoned early (the consumer
-stops iterating, an error) is ended with a STOP request of the same request id to ``dual_ar``, so the
-engine frees the slot (an ensemble does not pass a client's cancellation on to a running step).
+stops iterating, an error) is cancelled: the server's ``tts`` model sees it and frees the engine slot
+(as it does for any client that cancels or disconnects).
 Errors are the request layer's types (:mod:`fish_s2.request.errors`): InvalidArgument (naming the
 field), NotFound, AlreadyExists, Busy (retry soon), Unavailable (retry elsewhere), Cancelled, Internal.
 Torch-free: ``pip install fish_s2[client]`` is enough.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -145,7 +146,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 def _infer_request(model: str, arrays: dict[str, np.ndarray], request_id: str,
                    stream: bool) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
-    specs = {s.name: s for s in (*protocol.TTS_INPUTS, *protocol.VOICES_INPUTS, *protocol.DUAL_AR_INPUTS)}
+    specs = {s.name: s for s in (*protocol.ENTRY_INPUTS, *protocol.VOICES_INPUTS, *protocol.DUAL_AR_INPUTS)}
     for name, array in arrays.items():
         tensor = req.inputs.add()
         tensor.name, tensor.datatype = name, specs[name].wire_type
@@ -183,29 +184,15 @@ def _voices(response: service_pb2.ModelInferResponse) -> list[dict]:
     return [json.loads(v) for v in InferResult(response).as_numpy("VOICES")]
 
 
-def _stop_request(request_id: str) -> service_pb2.ModelInferRequest:
-    return _infer_request(protocol.DUAL_AR, {"STOP": np.array([True])}, request_id, stream=True)
+# A stream sends its one request and keeps its write side open until the request is over (Triton
+# 2.51's gRPC stream handler can keep a model referenced when a stream is half-closed before an error
+# response arrives), then half-closes and reads to the end of the call. A stream abandoned before its
+# final response is cancelled; so is an end that takes longer than ``drain_timeout_s``.
 
-
-def _is_final(response: service_pb2.ModelStreamInferResponse) -> bool:
-    return bool(response.error_message) or response.infer_response.parameters["triton_final_response"].bool_param
-
-
-# Triton 2.51's gRPC stream handler can keep a model referenced for good (the server then cannot
-# stop cleanly) when a stream is cancelled, or half-closed before an error response arrives. So a
-# stream is never cancelled and never half-closed early: it sends its one request, keeps its write
-# side open until the request is over (a stream abandoned early is ended with a STOP to dual_ar and
-# read to its final response), then half-closes and reads to the end of the call. Only an end that
-# takes longer than ``drain_timeout_s`` cancels the call.
-
-def _end(call, done: threading.Event, timeout_s: float, wait_final: bool) -> None:
+def _end(call, done: threading.Event, timeout_s: float) -> None:
     timer = threading.Timer(timeout_s, call.cancel)
     timer.start()
     try:
-        if wait_final:
-            for response in call:
-                if _is_final(response):
-                    break
         done.set()
         for _ in call:
             pass
@@ -216,12 +203,8 @@ def _end(call, done: threading.Event, timeout_s: float, wait_final: bool) -> Non
         timer.cancel()
 
 
-async def _aend(call, done: asyncio.Event, timeout_s: float, wait_final: bool) -> None:
+async def _aend(call, done: asyncio.Event, timeout_s: float) -> None:
     async def end():
-        if wait_final:
-            async for response in call:
-                if _is_final(response):
-                    break
         done.set()
         async for _ in call:
             pass
@@ -254,10 +237,16 @@ def _fleet(url, policy: str, replica) -> tuple[Router, dict]:
 # ------------------------------------------------------------------ sync client
 
 class TTSClient:
+    """``url``: one endpoint, or several (a fleet, see :mod:`fish_s2.routing`; ``policy`` picks the
+    replica). ``admin_key`` (default ``$FISH_S2_ADMIN_KEY``): the server's admin key, for registering
+    and deleting voices."""
+
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0, policy: str = "affinity"):
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None, policy: str = "affinity"):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
-        self.router, self._replicas = _fleet(url, policy, lambda ep: TTSClient(ep, model, timeout_s, drain_timeout_s))
+        self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
+        self.router, self._replicas = _fleet(
+            url, policy, lambda ep: TTSClient(ep, model, timeout_s, drain_timeout_s, self.admin_key))
         url = self.router.endpoints[0]
         self._channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                             ("grpc.max_send_message_length", -1)])
@@ -296,24 +285,17 @@ class TTSClient:
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
         finally:
-            if not finished:   # also after an error: one downstream of dual_ar leaves the engine running
-                self.cancel(request_id)
-            _end(call, done, self.drain_timeout_s, wait_final=not (finished or refused))
+            if finished or refused:
+                _end(call, done, self.drain_timeout_s)
+            else:                # abandoned: the server's tts model stops the engine request
+                call.cancel()
+                done.set()
 
     def synthesize(self, text: str, **fields) -> Synthesis:
         collector = _Collector()
         for chunk in self.stream(text, **fields):
             collector.add(chunk)
         return collector.result(fields.get("sample_format"))
-
-    def cancel(self, request_id: str) -> None:
-        """Stop every engine request started by Triton request id ``request_id`` (best effort)."""
-        done = threading.Event()
-        try:
-            call = self._stub.ModelStreamInfer(_send_then_wait(_stop_request(request_id), done), timeout=30)
-        except grpc.RpcError:
-            return
-        _end(call, done, self.drain_timeout_s, wait_final=True)
 
     def _voices_call(self, action: str, **fields) -> list[dict]:
         if self._replicas:   # shared voices folder: any replica; a voice's own one warms its prefix
@@ -325,14 +307,14 @@ class TTSClient:
             raise _rpc_error(e) from None
 
     def register_voice(self, voice_id: str, audio: np.ndarray, sample_rate: int, text: str) -> dict:
-        return self._voices_call("register", voice_id=voice_id, reference_audio=audio,
-                                 reference_sample_rate=sample_rate, reference_text=text)[0]
+        return self._voices_call("register", voice_id=voice_id, reference_audio=audio, reference_sample_rate=sample_rate,
+                                 reference_text=text, admin_key=self.admin_key)[0]
 
     def list_voices(self) -> list[dict]:
         return self._voices_call("list")
 
     def delete_voice(self, voice_id: str) -> dict:
-        return self._voices_call("delete", voice_id=voice_id)[0]
+        return self._voices_call("delete", voice_id=voice_id, admin_key=self.admin_key)[0]
 
     def close(self) -> None:
         for replica in self._replicas.values():
@@ -355,10 +337,11 @@ class AsyncTTSClient:
     the request is cancelled at once rather than when the generator is collected."""
 
     def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0, policy: str = "affinity"):
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None, policy: str = "affinity"):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
-        self.router, self._replicas = _fleet(url, policy,
-                                             lambda ep: AsyncTTSClient(ep, model, timeout_s, drain_timeout_s))
+        self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
+        self.router, self._replicas = _fleet(
+            url, policy, lambda ep: AsyncTTSClient(ep, model, timeout_s, drain_timeout_s, self.admin_key))
         url = self.router.endpoints[0]
         self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                                 ("grpc.max_send_message_length", -1)])
@@ -391,9 +374,11 @@ class AsyncTTSClient:
         except grpc.RpcError as e:
             raise _rpc_error(e) from None
         finally:
-            if not finished:
-                await self.cancel(request_id)
-            await _aend(call, done, self.drain_timeout_s, wait_final=not (finished or refused))
+            if finished or refused:
+                await _aend(call, done, self.drain_timeout_s)
+            else:
+                call.cancel()
+                done.set()
 
     async def synthesize(self, text: str, **fields) -> Synthesis:
         collector = _Collector()
@@ -401,10 +386,16 @@ class AsyncTTSClient:
             collector.add(chunk)
         return collector.result(fields.get("sample_format"))
 
-    async def cancel(self, request_id: str) -> None:
-        done = asyncio.Event()
-        call = self._stub.ModelStreamInfer(_asend_then_wait(_stop_request(request_id), done), timeout=30)
-        await _aend(call, done, self.drain_timeout_s, wait_final=True)
+    async def voices(self, action: str, **fields) -> list[dict]:
+        """register / list / delete (``fields``: see :func:`protocol.voice_inputs`; the admin key is added)."""
+        if self._replicas:   # shared voices folder: any replica; a voice's own one warms its prefix
+            return await self.router.acall(fields.get("voice_id"), lambda ep: self._replicas[ep].voices(action, **fields))
+        keyed = {"admin_key": self.admin_key} if action != "list" else {}
+        req = _infer_request(protocol.VOICES, protocol.voice_inputs(action, **fields, **keyed), uuid.uuid4().hex, False)
+        try:
+            return _voices(await self._stub.ModelInfer(req, timeout=self.timeout_s))
+        except grpc.RpcError as e:
+            raise _rpc_error(e) from None
 
     async def close(self) -> None:
         for replica in self._replicas.values():

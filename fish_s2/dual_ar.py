@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .config import DualARConfig
 from .fast_ar import FastAR
-from .layers import KVCache
+from .layers import FeedForward, KVCache
 from .sampling import RAS_TEMPERATURE, RAS_TOP_P, BatchSampling, uniform_noise
 from .slow_ar import SlowAR
 
@@ -26,6 +26,12 @@ class DualAR(nn.Module):
     def init_buffers(self, device: torch.device | str) -> None:
         self.slow.init_buffers(device)
         self.fast.init_buffers(device)
+
+    def fuse_weights(self) -> None:
+        """Concatenate each feed-forward's w1/w3 once (q/k/v already are one wqkv); idempotent."""
+        for m in self.modules():
+            if isinstance(m, FeedForward):
+                m.fuse()
 
     @property
     def draws_per_frame(self) -> int:

@@ -77,12 +77,13 @@ class BatchResult:
 def generate_long(model: DualAR, builder: PromptBuilder, text: str, references: list[Reference],
                   params: SamplingParams, max_new_frames: int, chunk_length: int = 300,
                   noise_keys: Callable[[int], int] | None = None, record: bool = False,
-                  on_frame: Callable[[int], None] | None = None) -> Iterator[BatchResult]:
+                  on_frame: Callable[[int], None] | None = None, generate_fn=None) -> Iterator[BatchResult]:
     """Upstream ``generate_long``: split ``text`` into speaker-turn batches, generate each with the
     earlier batches' codes as assistant history, yield one result per batch.
 
     ``noise_keys(batch_index)`` gives the noise key of each batch (default: derived from the seed and
-    the batch index, so batches draw independent noise).
+    the batch index, so batches draw independent noise). ``generate_fn`` replaces :func:`generate`
+    (same signature), e.g. to run the batches through the engine's runner.
     """
     if not text.strip():
         raise ValueError("text: must not be empty")
@@ -91,6 +92,6 @@ def generate_long(model: DualAR, builder: PromptBuilder, text: str, references: 
         history.append(builder.user(batch_text))
         prompt = torch.cat([*history, builder.assistant_start()], dim=1)
         key = noise_keys(b) if noise_keys is not None else seed_to_key(params.seed + b)
-        gen = generate(model, prompt, max_new_frames, params, key, record, on_frame)
+        gen = (generate_fn or generate)(model, prompt, max_new_frames, params, key, record, on_frame)
         history.append(builder.assistant_turn(gen.codes))
         yield BatchResult(batch_text, gen)

@@ -79,9 +79,23 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("w13", None, persistent=False)
+
+    def fuse(self) -> None:
+        """One [2 * hidden, dim] weight for w1 and w3 (one matmul instead of two). w1 and w3 become views
+        of it, so the checkpoint's names still save and load; a later dtype or device change converts
+        each separately (same values, the views are lost)."""
+        if self.w13 is None:
+            h, grad = self.w1.weight.shape[0], self.w1.weight.requires_grad
+            self.w13 = torch.cat([self.w1.weight.detach(), self.w3.weight.detach()])
+            self.w1.weight = nn.Parameter(self.w13[:h], requires_grad=grad)
+            self.w3.weight = nn.Parameter(self.w13[h:], requires_grad=grad)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        a, b = F.linear(x, self.w13).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
 
 
 class KVCache(nn.Module):
@@ -101,12 +115,16 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def write(self, slots: slice, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        """Store k/v [B, H, T, D] at per-row positions input_pos [B, T]; return the first kv_len entries."""
-        kc, vc = self.k[slots], self.v[slots]
-        idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        kc.scatter_(2, idx, k.to(kc.dtype))
-        vc.scatter_(2, idx, v.to(vc.dtype))
-        return kc[:, :, :kv_len], vc[:, :, :kv_len]
+        """Store k/v [B, H, T, D] at per-row positions input_pos [B, T]; return the first kv_len entries.
+
+        Written with index_put_ on the whole buffer, not through a view of the rows: torch.compile then
+        writes in place (through a view it copies every row's whole cache each call)."""
+        B, H = k.shape[:2]
+        rows = torch.arange(slots.start or 0, (slots.start or 0) + B, device=k.device)[:, None, None]
+        idx = (rows, torch.arange(H, device=k.device)[None, :, None], input_pos[:, None, :])
+        self.k.index_put_(idx, k.to(self.k.dtype))
+        self.v.index_put_(idx, v.to(self.v.dtype))
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
 
 class Attention(nn.Module):

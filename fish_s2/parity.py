@@ -2,9 +2,13 @@
 
     python -m fish_s2.parity GOLDEN_DIR
 
+    python -m fish_s2.parity GOLDEN_DIR --compiled
+
 GOLDEN_DIR holds a checkpoint and files described by its ``README.json`` (the format of
 ``shared/golden/public``). Every case found there is re-run with this package; one JSON object
 with each comparison is printed, and the exit status is non-zero if any is out of tolerance.
+``--compiled`` also runs every generation case through the batched engine's runner with its decode
+step compiled by torch.compile (checks named ``compiled.<case>...``: frames, codes, stop, exact).
 Nothing about the model is assumed: sizes, ids and the codec come from the golden checkpoint, the
 texts, references and sampling options from the case files.
 """
@@ -12,6 +16,7 @@ texts, references and sampling options from the case files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -21,11 +26,12 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from .checkpoint import S2Checkpoint
+from .checkpoint import S2Checkpoint, load_dual_ar
 from .dual_ar import sample_codes
-from .generate import generate_long
+from .engine import EngineConfig, TorchRunner
+from .generate import Generation, generate_long
 from .prompt import PromptBuilder, Reference
-from .request import SamplingParams
+from .request import EngineRequest, SamplingParams
 from .sampling import BatchSampling, logits_to_probs, race
 
 # tolerances (issue #2): fp32 logits/hidden within 1e-4 of their scale; codec audio 1e-4;
@@ -154,13 +160,30 @@ def _sampling_params(spec: dict) -> SamplingParams:
     return SamplingParams(temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"])
 
 
-def _generate(ck: S2Checkpoint, spec: dict, g: dict[str, Tensor], rep: Report, prefix: str) -> None:
+def runner_generate(runner):
+    """:func:`fish_s2.generate.generate`'s signature over an engine runner (one row; no frame records)."""
+
+    @torch.inference_mode()
+    def gen(model, prompt: Tensor, max_new_frames: int, params: SamplingParams, noise_key: int | None = None,
+            record: bool = False, on_frame=None) -> Generation:
+        n = min(max_new_frames, runner.cfg.max_seq_len - prompt.shape[1])
+        frames = [runner.admit(EngineRequest(prompt, params), noise_key)]
+        while len(frames) < n and int(frames[-1][0]) != model.cfg.eos_id:
+            frames.append(runner.step()[0])
+        runner.release(0)
+        return Generation(prompt, torch.stack(frames, dim=1), int(frames[-1][0]) == model.cfg.eos_id)
+
+    return gen
+
+
+def _generate(ck: S2Checkpoint, spec: dict, g: dict[str, Tensor], rep: Report, prefix: str, generate_fn=None) -> None:
     builder = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
     refs = [Reference(t, g[f"ref_codes.{i}"]) for i, t in enumerate(spec.get("prompt_text") or [])]
     # a recorded procedural noise stream ("noise" in the spec) restarts at draw 0 in every generate() call
     noise = (lambda b: 0) if "noise" in spec else None
     results = list(generate_long(ck.model, builder, spec["text"], refs, _sampling_params(spec),
-                                 spec["max_new_tokens"], spec["chunk_length"], noise_keys=noise, record=True))
+                                 spec["max_new_tokens"], spec["chunk_length"], noise_keys=noise, record=True,
+                                 generate_fn=generate_fn))
     batched = "batches" in spec
     n_batches = len(spec["batches"]) if batched else 1
     rep.equal(f"{prefix}.n_batches", len(results), n_batches)
@@ -178,6 +201,8 @@ def _generate(ck: S2Checkpoint, spec: dict, g: dict[str, Tensor], rep: Report, p
             rep.equal(f"{name}prompt_ids", gen.prompt[0], torch.tensor(info["prompt_ids"]))
         if "stopped_on_im_end" in info:
             rep.equal(f"{name}stopped_on_im_end", gen.stopped_on_eos, info["stopped_on_im_end"])
+        if not gen.records:
+            continue
         if p + "step_logits_sem_imend" in g:
             rep.close(name + "step_logits_sem_imend", torch.cat([r.audio_logits for r in gen.records]),
                       g[p + "step_logits_sem_imend"])
@@ -241,11 +266,16 @@ def _codec_encode(ck: S2Checkpoint, g: dict[str, Tensor], rep: Report, prefix: s
             rep.close(f"{prefix}.recon_audio", ck.codec.decode(g["codes"]), g["recon_audio"], atol=AUDIO_TOL)
 
 
-def run(golden_dir: str | Path) -> dict:
+def run(golden_dir: str | Path, compiled: bool = False) -> dict:
     golden_dir = Path(golden_dir)
     readme = json.loads((golden_dir / "README.json").read_text())
     torch.backends.cuda.matmul.allow_tf32 = False
-    ck = S2Checkpoint.load(golden_dir / readme.get("checkpoint", {}).get("path", "checkpoint"))
+    ck_path = golden_dir / readme.get("checkpoint", {}).get("path", "checkpoint")
+    ck = S2Checkpoint.load(ck_path)
+    runner = None
+    if compiled:  # its own copy of the weights: compiling fuses weights, the reference path stays as loaded
+        runner = TorchRunner(load_dual_ar(ck_path, ck.config),
+                             EngineConfig(max_active=1, max_prompt_tokens=1024, max_frames=512, compile="on"))
     rep = Report()
     for entry in readme.get("files", {}):
         for fname in (f.strip() for f in entry.split("/")):
@@ -258,6 +288,9 @@ def run(golden_dir: str | Path) -> dict:
                 if stem.startswith("generate"):
                     tensors = load_file(str(path.with_suffix(".safetensors")))
                     _generate(ck, spec, tensors, rep, stem)
+                    if runner is not None:
+                        ck_c = dataclasses.replace(ck, model=runner.model)
+                        _generate(ck_c, spec, tensors, rep, f"compiled.{stem}", runner_generate(runner))
                 elif "cases" in spec:
                     _sampling_cases(spec, rep, stem)
                 continue
@@ -286,9 +319,11 @@ def run(golden_dir: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fish_s2.parity", description=__doc__.split("\n\n")[0])
     ap.add_argument("golden_dir")
+    ap.add_argument("--compiled", action="store_true", help="also run the generation cases through the "
+                                                            "engine's runner with torch.compile")
     args = ap.parse_args(argv)
     try:
-        result = run(args.golden_dir)
+        result = run(args.golden_dir, args.compiled)
     except (OSError, ValueError, KeyError) as e:
         print(json.dumps({"golden": args.golden_dir, "ok": False, "error": f"{type(e).__name__}: {e}"}))
         return 2

@@ -9,8 +9,9 @@ of semantic positions (0 at text positions). Layout (upstream ``generate_long``)
     <|im_start|>user\n{text}<|im_end|>\n
     <|im_start|>assistant\n<|voice|>          <- generation starts here, ends with <|im_end|>
 
-Each text part is tokenized on its own. The system block depends only on the voice, which is what
-makes it a cacheable prefix.
+Each text part is tokenized on its own; what a user wrote (the text, reference transcripts) as plain
+text, so it cannot contain control tokens (unless the builder is told to allow them, for trusted
+callers). The system block depends only on the voice, which is what makes it a cacheable prefix.
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class Reference:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: S2Tokenizer, num_codebooks: int):
+    def __init__(self, tokenizer: S2Tokenizer, num_codebooks: int, allow_control_tokens: bool = False):
         self.tok = tokenizer
         self.num_codebooks = num_codebooks
+        self.allow_control_tokens = allow_control_tokens
 
-    def text(self, text: str) -> Tensor:
-        ids = torch.tensor(self.tok.encode(text), dtype=torch.long)
+    def text(self, text: str, user: bool = False) -> Tensor:
+        """Token rows of a text part: control text of the prompt, or (``user``) text a user wrote."""
+        plain = user and not self.allow_control_tokens
+        ids = torch.tensor(self.tok.encode_text(text) if plain else self.tok.encode(text), dtype=torch.long)
         out = torch.zeros(self.num_codebooks + 1, ids.numel(), dtype=torch.long)
         out[0] = ids
         return out
@@ -63,12 +67,12 @@ class PromptBuilder:
             texts = [r.text if SPEAKER_TAG.search(r.text) else f"<|speaker:{i}|>{r.text}"
                      for i, r in enumerate(references)]
             codes = torch.cat([r.codes for r in references], dim=1)
-            parts = [self.text(REFERENCE_INTRO), self.text("\n".join(texts)), self.text(REFERENCE_SPEECH),
-                     self.codes(codes)]
+            parts = [self.text(REFERENCE_INTRO), self.text("\n".join(texts), user=True),
+                     self.text(REFERENCE_SPEECH), self.codes(codes)]
         return torch.cat([self.text(f"{IM_START}system\n"), *parts, self.text(f"{IM_END}\n")], dim=1)
 
     def user(self, text: str) -> Tensor:
-        return torch.cat([self.text(f"{IM_START}user\n"), self.text(text), self.text(f"{IM_END}\n")], dim=1)
+        return torch.cat([self.text(f"{IM_START}user\n"), self.text(text, user=True), self.text(f"{IM_END}\n")], dim=1)
 
     def assistant_start(self) -> Tensor:
         return self.text(f"{IM_START}assistant\n{VOICE}")

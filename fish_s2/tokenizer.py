@@ -1,7 +1,10 @@
 """S2 text tokenizer: Hugging Face ``tokenizers`` over the checkpoint's ``tokenizer.json``.
 
-Special tokens in text (``<|im_start|>``, ``<|voice|>``...) are parsed inline; ``<|speaker:N|>``
-and emotion tags such as ``[whisper]`` are ordinary text, exactly as upstream.
+:meth:`S2Tokenizer.encode` parses special tokens (``<|im_start|>``, ``<|voice|>``...) inline: it is
+for the prompt's own control text. :meth:`S2Tokenizer.encode_text` encodes what a user wrote (the
+text to speak, a reference transcript) with special-token strings as plain text, so user text can
+never close a turn or inject audio codes. ``<|speaker:N|>`` and emotion tags such as ``[whisper]``
+are ordinary text either way, exactly as upstream.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class S2Tokenizer:
         if self.semantic_end_id - self.semantic_begin_id + 1 != len(semantic_ids):
             raise ValueError("tokenizer.json: semantic token ids are not contiguous")
         self.im_end_id = self.token_id(IM_END)
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        self._control_ids = frozenset(tokenizer.get_added_tokens_decoder())
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> "S2Tokenizer":
@@ -45,7 +51,16 @@ class S2Tokenizer:
         return tid
 
     def encode(self, text: str) -> list[int]:
+        """Control text: special tokens in it are parsed."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """User text: special-token strings are plain text (never a control token)."""
+        ids = self._plain.encode(text, add_special_tokens=False).ids
+        if self._control_ids.intersection(ids):   # an added token that is not marked special
+            raise ValueError("text: the tokenizer turned user text into control tokens "
+                             f"{sorted(self._control_ids.intersection(ids))}")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)

@@ -7,7 +7,11 @@ For each preset (tiny; small = dim 512, 8 slow layers, 2 fast layers), on the sa
     (the exported `fast_ar.onnx`, the CPU profile's `fast_ar_runtime: onnx`), side by side;
   * time to first audio (request -> first chunk decoded by the codec) for a 10 s reference voice:
     cold (a new recording: codec encode + full prefill) and cached (a registered voice: stored codes,
-    prompt prefix in the KV cache).
+    prompt prefix in the KV cache);
+  * playback gap: whole streams at concurrency 1 and 4 with the codec decoding chunks as they come
+    (a thread of its own, as Triton's codec model runs beside the engine), for the default chunk plan
+    (ramp) and the same plan without the ramp: how long a real-time player that starts at the first
+    chunk waits, summed over each stream.
 Warm-up runs are not timed. Prints a JSON object as its last line and writes JSON + a markdown
 table under perf/results/.
 
@@ -17,11 +21,14 @@ table under perf/results/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +39,7 @@ from fish_s2.checkpoint import S2Checkpoint
 from fish_s2.engine import Engine, EngineConfig
 from fish_s2.generate import generate
 from fish_s2.prompt import PromptBuilder, Reference
-from fish_s2.request import ChunkEvent, EngineRequest, SamplingParams
+from fish_s2.request import ChunkEvent, ChunkPlan, EngineRequest, SamplingParams, playback_gap
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import write_tiny_checkpoint
 from fish_s2.tts import encode_reference
@@ -146,6 +153,44 @@ def time_to_first_audio(ck: S2Checkpoint, reference_seconds: float, repeats: int
             "cached_over_cold": h / c, "prefix_cache": engine.runner.prefix_cache.stats()}
 
 
+def playback(ck: S2Checkpoint, concurrency: list[int], n_frames: int) -> dict:
+    """Per plan and concurrency: TTFA and playback gap (p50/max over the streams), codec in the loop."""
+    b = PromptBuilder(ck.tokenizer, ck.config.num_codebooks)
+    frame_s = ck.codec.frame_length / ck.codec.sample_rate
+    plans = {"ramp": ChunkPlan(), "flat": dataclasses.replace(ChunkPlan(), ramp=False)}
+    engine = Engine(ck.model, EngineConfig(max_active=max(concurrency), max_prompt_tokens=512, max_frames=n_frames))
+    out = {}
+    for name, plan in plans.items():
+        for c in [1] + concurrency:   # the first pass warms up (its row is overwritten)
+            q: queue.Queue = queue.Queue()
+            arrivals: dict[str, list] = {}
+            t0: dict[str, float] = {}
+
+            def codec_loop():
+                while (ev := q.get()) is not None:
+                    decode_chunks(ck.codec, [ev.chunk])
+                    rid = ev.request_id
+                    arrivals[rid].append((time.perf_counter() - t0[rid], ev.chunk.n_frames * frame_s))
+
+            worker = threading.Thread(target=codec_loop)
+            worker.start()
+            reqs = [EngineRequest(_prompt(b, [], TEXTS[i % len(TEXTS)])[0], SamplingParams(seed=i), max_frames=n_frames,
+                                  chunk_plan=plan) for i in range(c)]
+            for r in reqs:
+                arrivals[r.request_id], t0[r.request_id] = [], time.perf_counter()
+                engine.submit(r, lambda ev: q.put(ev) if isinstance(ev, ChunkEvent) else None)
+            while engine.rows or engine.stats()["queued"]:
+                engine.step()
+            q.put(None)
+            worker.join()
+            gaps = [playback_gap(a) for a in arrivals.values()]
+            out[f"{name}_c{c}"] = {"plan": plan.as_list(), "concurrency": c, "frames": n_frames,
+                                   "ttfa_s": statistics.median(a[0][0] for a in arrivals.values()),
+                                   "gap_s_median": statistics.median(gaps), "gap_s_max": max(gaps),
+                                   "streams_with_gap": sum(g > 0 for g in gaps)}
+    return out
+
+
 def _fast_ar(name: str, checkpoint: Path, threads: int | None):
     """None for the torch fast AR, else ONNX Runtime over a fresh export of ``checkpoint``."""
     if name == "torch":
@@ -173,6 +218,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {preset} | {t['reference_seconds']:.0f} s ({t['reference_frames']} frames) | "
                      f"{t['first_chunk_frames']} frames | {1000 * t['cold_s']:.0f} ms | {1000 * t['cached_s']:.0f} ms | "
                      f"{t['cached_over_cold']:.2f} |")
+    lines += ["", "| preset | plan | concurrency | TTFA | playback gap median / max | streams with a gap |",
+              "|---|---|---|---|---|---|"]
+    for preset, r in result["presets"].items():
+        for key, row in r.get("playback", {}).items():
+            lines.append(f"| {preset} | {key.rsplit('_', 1)[0]} {row['plan']} | {row['concurrency']} | "
+                         f"{1000 * row['ttfa_s']:.0f} ms | {1000 * row['gap_s_median']:.0f} / "
+                         f"{1000 * row['gap_s_max']:.0f} ms | {row['streams_with_gap']} |")
     lines.append("\nAudio-seconds are seconds of generated codes (frames x 2048 / 44100); codec decode is excluded "
                  "from throughput and included in time to first audio. Ratios compare runs made side by side.")
     return "\n".join(lines) + "\n"
@@ -184,10 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--frames", type=int, default=48, help="frame budget per request")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--playback-frames", type=int, default=120, help="frames per stream for the playback gap")
     ap.add_argument("--reference-seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--fast-ar", default="torch", help="fast-AR runtimes to compare: torch, onnx (ONNX Runtime)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default="cpu", help="results go to OUT/bench_engine_TAG.{json,md}")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,11 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
             fast_ars = {name: _fast_ar(name, path, args.threads) for name in args.fast_ar.split(",")}
             with torch.inference_mode():
                 result["presets"][preset] = {"throughput": throughput(ck, conc, args.frames, args.repeats, fast_ars),
-                                             "ttfa": time_to_first_audio(ck, args.reference_seconds, 3)}
+                                             "ttfa": time_to_first_audio(ck, args.reference_seconds, 3),
+                                             "playback": playback(ck, [1, 4], args.playback_frames)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_engine_cpu.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_engine_cpu.md").write_text(markdown(result))
+    (out / f"bench_engine_{args.tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"bench_engine_{args.tag}.md").write_text(markdown(result))
     print(markdown(result))
     print(json.dumps(result))
     return result

@@ -25,12 +25,13 @@ import perf_analyzer_sweep  # noqa: E402
 from install_perf_analyzer import install  # noqa: E402
 
 
-def compare(url: str, level: int, requests: int, max_frames: int, margin: float) -> dict:
+def compare(url: str, level: int, requests: int, max_frames: int, margin: float, admin_key_file: str | None) -> dict:
     binary = perf_analyzer_sweep.PERF_ANALYZER
     if not binary.exists():
         install(binary.parent)
     lg = loadgen.main(["--url", url, "--concurrency", str(level), "--requests", str(requests), "--warmup", "2",
                        "--mode", "shared", "--max-frames", str(max_frames), "--tag", "compare",
+                       *(["--admin-key-file", admin_key_file] if admin_key_file else []),
                        "--out", str(HERE / "results")])
     texts = [t for t in loadgen.CORPUS.read_text().splitlines() if t.strip()]
     pa = perf_analyzer_sweep.run(url, [level], texts, loadgen.SHARED_VOICE, max_frames, requests)
@@ -54,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "perf_analyzer_vs_loadgen.json"))
     args = ap.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        url = args.url
+        url, key_file = args.url, None
         if url is None:
             from fish_s2.serving.demo import prepare
             from fish_s2.serving.server import TritonServer, free_ports
 
             repo = prepare(Path(args.artifacts), Path(args.checkpoint) if args.checkpoint else None)
             server = stack.enter_context(TritonServer(repo, Path(args.artifacts) / "triton-compare", *free_ports(3)))
-            url = server.grpc_url
-        result = compare(url, args.level, args.requests, args.max_frames, args.margin)
+            url, key_file = server.grpc_url, str(server.admin_key_path)
+        result = compare(url, args.level, args.requests, args.max_frames, args.margin, key_file)
     result["command"] = "python perf/compare_perf_analyzer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"concurrency {result['level']}: loadgen TTFA p50 {1e3 * result['loadgen_ttfa_p50_s']:.0f} ms, "

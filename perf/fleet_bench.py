@@ -8,8 +8,9 @@ Prepares the CPU profile like ``make serve`` (``fish_s2.serving.demo.prepare``: 
 unless --checkpoint, its export, the model repository with its voices folder; ``--set`` overrides
 serving.yaml, e.g. ``engine.prefix_cache_bytes``), empties its voices folder (a server warms every
 voice already registered on both replicas when it starts, which would hide what routing does), starts
-two Triton servers on free ports from that one repository, runs loadgen with ``--url A,B
---metrics-url ...`` plus the arguments after ``--``, and stops both through their drain.
+two Triton servers on free ports from that one repository with one admin key (loadgen registers the
+voices through either), runs loadgen with ``--url A,B --metrics-url ... --admin-key-file ...`` plus the
+arguments after ``--``, and stops both through their drain.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     artifacts = Path(args.artifacts)
     repo = prepare(artifacts, Path(args.checkpoint) if args.checkpoint else None, _parse_overrides(args.set))
     shutil.rmtree(ServingConfig.load(repo / FILE_NAME).voices_dir, ignore_errors=True)
-    servers = [TritonServer(repo, artifacts / f"run-{name}", *free_ports(3)) for name in "ab"]
+    first = TritonServer(repo, artifacts / "run-a", *free_ports(3))
+    servers = [first, TritonServer(repo, artifacts / "run-b", *free_ports(3), admin_key=first.admin_key)]
     try:
         for server in servers:
             server.start()
         note = "python perf/fleet_bench.py " + " ".join(ours + ["--"] + rest)
         return loadgen.main(rest + ["--url", ",".join(s.grpc_url for s in servers),
-                                    "--metrics-url", ",".join(s.metrics_url for s in servers), "--note", note])
+                                    "--metrics-url", ",".join(s.metrics_url for s in servers),
+                                    "--admin-key-file", str(first.admin_key_path), "--note", note])
     finally:
         for server in servers:
             if server.alive():

@@ -1,38 +1,60 @@
 """GPU benchmark of the PyTorch engine on S2-Pro-sized random weights (needs only torch + one CUDA GPU).
 
 Builds the S2-Pro geometry (4.1 B slow AR + 0.42 B fast AR, bf16) and the S2-Pro codec directly on
-the device -- no checkpoint -- and reports, with the device name:
-  * per-frame decode time (slow AR, fast AR, total) at batch 1, 8, 32, 64, eager and CUDA graphs;
-  * bytes read per step / step time as a fraction of the device's measured copy bandwidth;
-  * time to first audio: cached voice prefix + 40 text tokens + first chunk + its codec decode;
-  * audio-seconds per second with 64 requests in flight (closed loop, streaming bookkeeping included).
-Warm-up is never timed; every timing synchronises first. Finishes in a few minutes on one H100.
-``--dry-run`` runs the same code on the CPU with the tiny geometry (shapes and bookkeeping only).
+the device -- no checkpoint -- and prints one JSON object (also written under --out):
+  * env: device, torch, CUDA, driver, git commit, dtype, model sizes, command;
+  * decode: step time at batch 1 and 64 as CUDA graphs of the eager step ("graph") and of the
+    torch.compile'd step ("compiled", engine.compile: on), side by side, with the bytes the step reads
+    (weights + KV at the bucket it reads) as a share of the measured copy bandwidth, and the time the
+    bucket's capture (and compile, for "compiled") took (build_s: every bucket built);
+  * kv: the same at batch 64 with the rows at KV lengths 1k and 2k (compiled: last, within --budget-s);
+  * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
+    step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
+  * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
+    p50/p90 over --ttfa-requests requests at concurrency 1, and its playback gap;
+  * load: 16 and 64 requests in flight with staggered prompt and output lengths (closed loop, arrivals
+    spread out, not in waves), the codec decoding chunks on its own CUDA stream: TTFA p50/p90,
+    playback gap per stream, end-to-end audio-seconds per second, the codec's share of GPU time,
+    requests that ended by themselves (stop/length) apart from those cancelled at the end;
+  * memory: peak allocated, KV cache bytes.
+Warm-up is never timed; every timing synchronises first. Compiles are bounded (batch buckets 1/16/64,
+one KV bucket for the load) and the optional ones are skipped past --budget-s; about 8 minutes on
+one H200 (compile time is the unknown). ``--dry-run`` runs every section on the CPU with the tiny
+geometry, compile included (one bucket: shapes, bookkeeping, no speed).
 
     python perf/gpu_bench.py [--out perf/results] [--dry-run]
+    FISH_S2_GIT_COMMIT=<hash> python perf/gpu_bench.py      # in a copy of the tree without .git
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import json
-import statistics
+import os
+import queue
+import re
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fish_s2.codec import Codec, CodecConfig
 from fish_s2.config import S2_PRO_CONFIG_JSON, DualARConfig
 from fish_s2.dual_ar import DualAR
 from fish_s2.engine import Engine, EngineConfig
-from fish_s2.request import ChunkEvent, EngineRequest, Finished
-from fish_s2.request import SamplingParams
-from fish_s2.request import ChunkPlan
+from fish_s2.request import ChunkEvent, EngineRequest, Finished, Player, SamplingParams
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|splitk|aten::(mm|addmm|bmm)$", re.I)
 
 
 def sync(device: torch.device) -> None:
@@ -62,6 +84,21 @@ def random_codec(cfg: CodecConfig, device: torch.device, dtype: torch.dtype) -> 
     return Codec(cfg).to(device=device, dtype=dtype).eval()  # (built on the CPU: buffers move with .to)
 
 
+def env_info(device: torch.device) -> dict:
+    def run(*cmd: str) -> str | None:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = run("git", "rev-parse", "HEAD")   # a copy without .git: pass FISH_S2_GIT_COMMIT
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "driver": run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if device.type == "cuda"
+            else None, "git_commit": commit or os.environ.get("FISH_S2_GIT_COMMIT"),
+            "git_dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no")) if commit else None}
+
+
 def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     """Device memory bandwidth from a large copy (bytes read + bytes written per second)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -78,7 +115,8 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 def bytes_per_step(model: DualAR, n: int, kv_len: int) -> int:
     """Bytes a decode step of n rows must read: slow layers, the audio head rows, the fast AR's layers
-    once per codebook position, its head once per sampled code, and the KV cache."""
+    once per codebook position, its head once per sampled code, and the KV cache at ``kv_len`` (pass
+    the bucket the step reads: a graph reads its whole KV bucket)."""
     cfg, el = model.cfg, next(model.parameters()).element_size()
     layer = lambda layers: sum(p.numel() for p in layers.parameters())  # noqa: E731
     s, f = cfg.slow, cfg.fast
@@ -88,7 +126,7 @@ def bytes_per_step(model: DualAR, n: int, kv_len: int) -> int:
     return (slow + fast + kv) * el
 
 
-def timed(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
+def timed(fn, device: torch.device, steps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     sync(device)
@@ -99,68 +137,149 @@ def timed(fn, device: torch.device, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def fill(engine: Engine, n: int, prompt_len: int, max_frames: int) -> None:
-    """Admit n requests of prompt_len tokens that will not end during the measurement."""
-    vocab = engine.model_cfg.semantic_begin_id  # text ids only
-    g = torch.Generator().manual_seed(n)
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "mean": None, "n": 0}
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()),
+            "n": len(values)}
+
+
+def prompt(cfg: DualARConfig, length: int, seed: int) -> torch.Tensor:
+    p = torch.zeros(cfg.frame_rows, length, dtype=torch.long)
+    p[0] = torch.randint(0, cfg.semantic_begin_id, (length,), generator=torch.Generator().manual_seed(seed))
+    return p
+
+
+def fill(engine: Engine, n: int, prompt_len: int, kv_len: int | None = None) -> None:
+    """n active requests that will not end during a measurement; with ``kv_len`` their positions are moved
+    on so that a step reads that much KV (the KV contents do not change the time)."""
     for i in range(n):
-        prompt = torch.zeros(engine.model_cfg.frame_rows, prompt_len, dtype=torch.long)
-        prompt[0] = torch.randint(0, vocab, (prompt_len,), generator=g)
-        engine.submit(EngineRequest(prompt, SamplingParams(seed=i), max_frames=max_frames), lambda ev: None)
+        engine.submit(EngineRequest(prompt(engine.model_cfg, prompt_len, i), SamplingParams(seed=i),
+                                    max_frames=engine.cfg.max_frames), lambda ev: None)
     while engine.stats()["queued"]:
         engine.step()
+    runner = engine.runner
+    if kv_len is not None:
+        runner.positions = [kv_len - 1] * n
+        runner.pos[:n] = kv_len - 1
 
 
 def drain(engine: Engine) -> None:
-    for live in list(engine.rows):
+    """Cancel every request in flight (running or queued) and let the engine end them."""
+    for live in engine.lifecycle.lives():
         engine.cancel(live.request_id)
-    engine.step()
+    while engine.rows or engine.stats()["queued"]:
+        engine.step()
 
 
-def decode_times(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int) -> list[dict]:
-    """Per-frame decode time at each batch size, eager and (on CUDA) graphed; slow part separately."""
-    runner = engine.runner
-    model, device = runner.model, runner.device
-    out = []
-    for n in batch_sizes:
-        fill(engine, n, prompt_len, max_frames=engine.cfg.max_frames)
-        kv_len = max(runner.positions) + steps * 2 + 8
-        row = {"batch": n, "kv_len": kv_len, "bytes_per_step": bytes_per_step(model, n, kv_len)}
-        modes = [False, True] if device.type == "cuda" else [False]
-        for graphs in modes:
-            runner.use_graphs = graphs
-            total = timed(runner.step, device, steps)
-            sl = slice(0, n)
-            slow_fn = lambda: model.slow(runner.cur[sl, :, None], runner.pos[sl, None], sl, kv_len,  # noqa: E731
-                                         runner.slow_cache)
-            if graphs:
-                slow_fn = _graphed(slow_fn, device)
-            with torch.inference_mode():
-                slow = timed(slow_fn, device, steps)
-            key = "graph" if graphs else "eager"
-            row[key] = {"step_ms": 1e3 * total, "slow_ms": 1e3 * slow, "fast_ms": 1e3 * (total - slow),
-                        "per_frame_ms": 1e3 * total / n, "frames_per_s": n / total}
-        out.append(row)
+def decode_rows(engine: Engine, mode: str, batch_sizes: list[int], kv_lens: list[int | None], prompt_len: int,
+                steps: int, copy_bw: float, deadline: float = float("inf")) -> list[dict]:
+    """Step time per (batch, KV length), with the time the bucket's compile and/or capture took."""
+    runner, rows = engine.runner, []
+    for n, kv in zip(batch_sizes, kv_lens):
+        if time.perf_counter() > deadline:
+            rows.append({"batch": n, "kv_len": kv, mode: "skipped: past --budget-s"})
+            continue
+        fill(engine, n, prompt_len, kv)
+        bucketed = runner.use_graphs or runner.compiled
+        key = runner.step_key(n) if bucketed else None
+        step = timed(runner.step, runner.device, steps)
+        kb = key[1] if bucketed else max(runner.positions)   # eager: what the last step read
+        nbytes = bytes_per_step(runner.model, n, kb)
+        rows.append({"batch": n, "kv_len": max(runner.positions),
+                     mode: {"step_ms": 1e3 * step, "per_frame_ms": 1e3 * step / n, "frames_per_s": n / step,
+                            "kv_read": kb, "bytes_per_step": nbytes, "achieved_GBps": nbytes / step / 1e9,
+                            "fraction_of_copy_bw": nbytes / step / copy_bw, "build_s": runner.build_s.get(key)}})
         drain(engine)
-    runner.use_graphs = engine.cfg.cuda_graphs and device.type == "cuda"
+    return rows
+
+
+def profile(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int = 3) -> list[dict]:
+    """Kernels per step and the matmul share of kernel time, on the uncaptured step function (the
+    compiled one when compiling): the same kernels a graph replays, launched one by one."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+
+    runner, out = engine.runner, []
+    cuda = runner.device.type == "cuda"
+    for n in batch_sizes:
+        fill(engine, n, prompt_len)
+        key = runner.step_key(n)
+        fn = lambda: runner._step_fn(*key)  # noqa: E731
+        with torch.inference_mode():
+            fn()
+            sync(runner.device)
+            with torch.profiler.profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    fn()
+                sync(runner.device)
+        if cuda:   # kernels and their device time
+            events = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        else:      # the CPU dry run: aten ops and their self time
+            events = [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::")]
+        total = sum(t for _, t in events) or 1
+        mm = sum(t for name, t in events if MATMUL.search(name))
+        by_name: dict[str, float] = {}
+        for name, t in events:
+            by_name[name] = by_name.get(name, 0.0) + t
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        out.append({"batch": n, "kernels_per_step": len(events) / steps, "kernel_ms_per_step": total / 1e3 / steps,
+                    "matmul_share": mm / total,
+                    "top_kernels": [{"name": k[:100], "ms_per_step": v / 1e3 / steps} for k, v in top]})
+        drain(engine)
     return out
 
 
-def _graphed(fn, device: torch.device):
-    with torch.inference_mode():
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    return graph.replay
+class CodecLoop:
+    """Decodes streamed chunks on a thread of its own (and its own CUDA stream), batching the chunks of
+    equal length that are waiting; records each chunk's arrival (decoded) per request."""
+
+    def __init__(self, codec: Codec, device: torch.device, frame_s: float):
+        self.codec, self.device, self.frame_s = codec, device, frame_s
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.q: queue.Queue = queue.Queue()
+        self.gpu_s, self.audio_s = 0.0, 0.0
+        self.on_chunk = lambda rid, index, t, seconds: None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def put(self, ev: ChunkEvent) -> None:
+        self.q.put(ev)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self._thread.join(60)
+
+    def _run(self) -> None:
+        while (ev := self.q.get()) is not None:
+            batch, more = [ev], ev
+            while not self.q.empty() and (more := self.q.get()) is not None:
+                batch.append(more)
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            t = time.perf_counter()
+            with ctx:
+                if self.stream is not None:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record(self.stream)
+                decode_chunks(self.codec, [e.chunk for e in batch])   # ends with a copy to the host
+                if self.stream is not None:
+                    end.record(self.stream)
+                    end.synchronize()
+            now = time.perf_counter()
+            self.gpu_s += start.elapsed_time(end) / 1e3 if self.stream is not None else now - t
+            for e in batch:
+                seconds = e.chunk.n_frames * self.frame_s
+                self.audio_s += seconds
+                self.on_chunk(e.request_id, e.chunk.index, now, seconds)
+            if more is None:
+                return
 
 
-def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: int, repeats: int) -> dict:
-    """Warm a voice prefix, then: submit (prefix hit + text_len new tokens) -> first chunk -> decoded audio."""
+def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: int, requests: int,
+                        frame_s: float) -> dict:
+    """Concurrency 1, cached voice: submit -> first chunk decoded (p50/p90 over ``requests``), and the
+    playback gap of each whole stream with the codec in the loop."""
     cfg = engine.model_cfg
     g = torch.Generator().manual_seed(7)
     voice = torch.zeros(cfg.frame_rows, voice_len, dtype=torch.long)
@@ -168,80 +287,147 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
     sem = torch.arange(voice_len // 4, voice_len)  # most of a voice block is reference codes
     voice[1:, sem] = torch.randint(0, 1024, (cfg.num_codebooks, len(sem)), generator=g)
     voice[0, sem] = voice[1, sem] + cfg.semantic_begin_id
+    codec_loop = CodecLoop(codec, engine.runner.device, frame_s)
+    plan = engine.cfg.chunk_plan
 
-    def once(text_seed: int) -> tuple[float, float]:
-        text = torch.zeros(cfg.frame_rows, text_len, dtype=torch.long)
-        text[0] = torch.randint(0, cfg.semantic_begin_id, (text_len,), generator=torch.Generator().manual_seed(text_seed))
-        first: list[ChunkEvent] = []
+    def once(seed: int, frames: int) -> tuple[float | None, float]:
+        player, arrivals, n_chunks, done = Player(), [], [None], threading.Event()
+
+        def on_chunk(rid, index, now, seconds):   # codec thread
+            player.add(now - t, seconds)
+            arrivals.append(now - t)
+            if len(arrivals) == n_chunks[0]:
+                done.set()
+
+        def sink(ev):                             # engine (this) thread
+            if isinstance(ev, ChunkEvent):
+                codec_loop.put(ev)
+            elif isinstance(ev, Finished):
+                n_chunks[0] = len(plan.sizes(ev.n_frames))
+                if len(arrivals) == n_chunks[0]:
+                    done.set()
+
+        codec_loop.on_chunk = on_chunk
         sync(engine.runner.device)
         t = time.perf_counter()
-        engine.submit(EngineRequest(torch.cat([voice, text], 1), SamplingParams(seed=text_seed),
-                                    max_frames=engine.cfg.chunk_plan.first_chunk_frames, prefix_len=voice_len),
-                      lambda ev: first.append(ev) if isinstance(ev, ChunkEvent) else None)
-        while not first:
+        req = EngineRequest(torch.cat([voice, prompt(cfg, text_len, 1000 + seed)], 1), SamplingParams(seed=seed),
+                            max_frames=frames, prefix_len=voice_len)
+        engine.submit(req, sink)
+        while engine.rows or engine.stats()["queued"]:
             engine.step()
-        t_codes = time.perf_counter() - t
-        decode_chunks(codec, [first[0].chunk])
-        sync(engine.runner.device)
-        dt = time.perf_counter() - t
-        while engine.rows:
-            engine.step()
-        return dt, t_codes
+        done.wait(60)
+        return (arrivals[0] if arrivals else None), player.gap
 
-    once(0)  # warms the voice prefix and the first-chunk shapes
-    once(1)
-    runs = [once(2 + i) for i in range(repeats)]
-    return {"voice_prefix_tokens": voice_len, "text_tokens": text_len,
-            "first_chunk_frames": engine.cfg.chunk_plan.first_chunk_frames,
-            "ttfa_ms_median": 1e3 * statistics.median(r[0] for r in runs),
-            "first_chunk_codes_ms_median": 1e3 * statistics.median(r[1] for r in runs),
+    stream_frames = plan.first_chunk_frames + 3 * plan.chunk_frames
+    once(0, stream_frames)  # warms the voice prefix, the first-chunk shapes and the codec
+    once(1, stream_frames)
+    runs = [r for r in (once(2 + i, stream_frames) for i in range(requests)) if r[0] is not None]
+    codec_loop.close()
+    return {"voice_prefix_tokens": voice_len, "text_tokens": text_len, "chunk_plan": plan.as_list(),
+            "stream_frames": stream_frames, "ttfa_s": percentiles([r[0] for r in runs]),
+            "playback_gap_s": percentiles([r[1] for r in runs]), "streams_with_gap": sum(r[1] > 0 for r in runs),
             "prefix_cache": engine.runner.prefix_cache.stats()}
 
 
-def throughput(engine: Engine, concurrency: int, prompt_len: int, frames_per_request: int, seconds: float,
-               frame_seconds: float) -> dict:
-    """Closed loop: keep `concurrency` requests in flight; frames generated (and streamed) per wall second."""
-    cfg = engine.model_cfg
-    state = {"done": 0, "next": 0}
+def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s: float, prompt_lens: tuple[int, int],
+         frame_counts: tuple[int, int], frame_s: float) -> dict:
+    """``concurrency`` requests in flight (closed loop), each with its own prompt and output length drawn
+    uniformly from the ranges; the first ones join one per step so that lengths and phases spread out.
+    Counted over the measured window: TTFA of requests submitted in it, playback gaps of streams that
+    completed in it, audio decoded per wall second, the codec's GPU time over the window."""
+    cfg, device = engine.model_cfg, engine.runner.device
+    rng = np.random.default_rng(concurrency)
+    codec_loop = CodecLoop(codec, device, frame_s)
+    state = {"next": 0, "open": True, "window": None}
+    live: dict[str, dict] = {}
+    ttfa, gaps, reasons = [], [], {}
+    lock = threading.Lock()
 
     def submit() -> None:
         i = state["next"]
         state["next"] += 1
-        prompt = torch.zeros(cfg.frame_rows, prompt_len, dtype=torch.long)
-        prompt[0] = torch.randint(0, cfg.semantic_begin_id, (prompt_len,), generator=torch.Generator().manual_seed(i))
-        engine.submit(EngineRequest(prompt, SamplingParams(seed=i), max_frames=frames_per_request), sink)
+        req = EngineRequest(prompt(cfg, int(rng.integers(*prompt_lens)), i), SamplingParams(seed=i),
+                            max_frames=int(rng.integers(*frame_counts)))
+        with lock:
+            live[req.request_id] = {"t": time.perf_counter(), "player": Player(), "chunks": 0, "total": None}
+        engine.submit(req, sink)
+
+    def finish_if_done(rid: str, info: dict) -> None:
+        if info["total"] is not None and info["chunks"] == info["total"]:
+            del live[rid]
+            if state["window"] is not None and info["t"] >= state["window"]:
+                gaps.append(info["player"].gap)
+
+    def on_chunk(rid, index, now, secs):
+        with lock:
+            info = live.get(rid)
+            if info is None:
+                return
+            if index == 0 and state["window"] is not None and info["t"] >= state["window"]:
+                ttfa.append(now - info["t"])
+            info["player"].add(now - info["t"], secs)
+            info["chunks"] += 1
+            finish_if_done(rid, info)
 
     def sink(ev) -> None:
-        if isinstance(ev, Finished):
-            state["done"] += 1
-            submit()
+        if isinstance(ev, ChunkEvent):
+            codec_loop.put(ev)
+        elif isinstance(ev, Finished):
+            if state["window"] is not None:
+                reasons[ev.reason] = reasons.get(ev.reason, 0) + 1
+            with lock:
+                info = live.get(ev.request_id)
+                if info is not None and ev.reason in ("stop", "length"):
+                    info["total"] = len(engine.cfg.chunk_plan.sizes(ev.n_frames))
+                    finish_if_done(ev.request_id, info)
+                elif info is not None:   # cancelled at the end (or failed): no whole stream to judge
+                    del live[ev.request_id]
+            if state["open"]:
+                submit()
 
-    engine.runner.capture_graphs(concurrency, prompt_len + frames_per_request + 1)
-    for _ in range(concurrency):
+    codec_loop.on_chunk = on_chunk
+    t0 = time.perf_counter()
+    while state["next"] < concurrency:
         submit()
-    for _ in range(5):  # warm-up
         engine.step()
-    sync(engine.runner.device)
-    f0, t = engine.lifecycle.frames_generated, time.perf_counter()
+    while time.perf_counter() - t0 < warm_s:
+        engine.step()
+    sync(device)
+    f0, a0, g0 = engine.lifecycle.frames_generated, codec_loop.audio_s, codec_loop.gpu_s
+    state["window"] = t = time.perf_counter()
     while time.perf_counter() - t < seconds:
         engine.step()
-    sync(engine.runner.device)
-    dt, frames = time.perf_counter() - t, engine.lifecycle.frames_generated - f0
+    sync(device)
+    dt = time.perf_counter() - t
+    frames, audio, codec_gpu = engine.lifecycle.frames_generated - f0, codec_loop.audio_s - a0, codec_loop.gpu_s - g0
+    state["open"] = False
     drain(engine)
-    return {"concurrency": concurrency, "seconds": dt, "frames": frames, "requests_finished": state["done"],
-            "frames_per_s": frames / dt, "audio_s_per_s": frames * frame_seconds / dt,
-            "rtf_per_request": concurrency / (frames / dt) / frame_seconds if frames else None}
+    codec_loop.close()
+    ended = reasons.get("stop", 0) + reasons.get("length", 0)
+    return {"concurrency": concurrency, "seconds": dt, "prompt_lens": list(prompt_lens),
+            "frame_counts": list(frame_counts), "frames": frames, "frames_per_s": frames / dt,
+            "audio_s_per_s_codes": frames * frame_s / dt, "audio_s_per_s_decoded": audio / dt,
+            "codec_gpu_share": codec_gpu / dt, "ttfa_s": percentiles(ttfa), "playback_gap_s": percentiles(gaps),
+            "streams_with_gap": sum(g > 0 for g in gaps), "requests_ended_by_themselves": ended,
+            "requests_cancelled": reasons.get("cancelled", 0), "end_reasons": dict(reasons)}
+
+
+def kv_bytes(engine: Engine) -> int:
+    r = engine.runner
+    return sum(c.k.numel() * c.k.element_size() * 2 for c in r.slow_cache + r.fast_cache)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny geometry on the CPU (checks the script)")
-    ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompt-len", type=int, default=300)
     ap.add_argument("--voice-len", type=int, default=256, help="voice prefix tokens for time to first audio")
     ap.add_argument("--text-len", type=int, default=40)
-    ap.add_argument("--throughput-seconds", type=float, default=20.0)
+    ap.add_argument("--ttfa-requests", type=int, default=20)
+    ap.add_argument("--load-seconds", type=float, default=20.0)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip the optional compiled buckets (KV 1k/2k) "
+                                                                  "once this much time has passed")
     ap.add_argument("--out", default=None, help="write gpu_bench_<device>.json here (default perf/results on a GPU)")
     args = ap.parse_args(argv)
 
@@ -249,44 +435,71 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_bench: no CUDA device (use --dry-run to check the script on the CPU)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if args.dry_run:
+    t0 = time.perf_counter()
+    deadline = t0 + args.budget_s
+    if args.dry_run:   # every section, one compiled bucket: batch 1 and 2 share bucket 2, one KV bucket
         slow, fast = PRESETS["tiny"]
         cfg = dataclasses.replace(DualARConfig.from_dict(S2_PRO_CONFIG_JSON), slow=slow, fast=fast)
         dtype, codec_cfg = torch.float32, CodecConfig.tiny()
-        batch_sizes, args.steps, args.prompt_len, args.throughput_seconds, args.voice_len = [1, 2], 2, 24, 1.0, 32
+        batches, kv_lens, args.steps, args.prompt_len, args.voice_len, args.text_len = [1, 2], [64, 96], 2, 24, 32, 8
+        args.ttfa_requests, args.load_seconds, warm_s, loads = 2, 1.0, 0.2, [(2, (8, 24), (4, 12))]
+        eng = dict(max_active=2, max_prompt_tokens=128, max_frames=128, graph_batch_sizes=(2,), min_kv_bucket=256)
     else:
         cfg, dtype, codec_cfg = DualARConfig.from_dict(S2_PRO_CONFIG_JSON), torch.bfloat16, CodecConfig.s2_pro()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
-    t0 = time.perf_counter()
+        batches, kv_lens, warm_s = [1, 64], [1000, 2000], 3.0
+        loads = [(16, (64, 200), (50, 250)), (64, (64, 200), (50, 250))]   # KV stays in the 512 bucket
+        eng = dict(max_active=64, max_prompt_tokens=2048, max_frames=512, graph_batch_sizes=(1, 16, 64),
+                   min_kv_bucket=512)
     model = random_model(cfg, device, dtype)
     codec = random_codec(codec_cfg, device, dtype)
-    max_b = max(batch_sizes)
-    engine = Engine(model, EngineConfig(max_active=max_b, max_queued=4 * max_b, max_prompt_tokens=max(args.prompt_len, args.voice_len + args.text_len) + 64,
-                                        max_frames=512, chunk_plan=ChunkPlan()))
-    frame_seconds = codec_cfg.frame_length / codec_cfg.sample_rate
-    result = {"device": name, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+    frame_s = codec_cfg.frame_length / codec_cfg.sample_rate
+    result = {**env_info(device), "dtype": str(dtype).replace("torch.", ""),
               "model": {"slow_params": sum(p.numel() for p in model.slow.parameters()),
                         "fast_params": sum(p.numel() for p in model.fast.parameters()),
                         "codec": "S2-Pro codec" if not args.dry_run else "tiny codec"},
               "command": "python perf/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "setup_s": time.perf_counter() - t0}
-    result["copy_bandwidth_GBps"] = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26)) / 1e9
-    result["decode"] = decode_times(engine, batch_sizes, args.prompt_len, args.steps)
-    for row in result["decode"]:
-        for key in ("eager", "graph"):
-            if key in row:
-                bw = row["bytes_per_step"] / (row[key]["step_ms"] / 1e3)
-                row[key]["achieved_GBps"] = bw / 1e9
-                row[key]["fraction_of_copy_bw"] = bw / (result["copy_bandwidth_GBps"] * 1e9)
-    result["ttfa"] = time_to_first_audio(engine, codec, args.voice_len, args.text_len, repeats=5)
-    result["throughput"] = throughput(engine, max_b, 64, 200, args.throughput_seconds, frame_seconds)
+    copy_bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26))
+    result["copy_bandwidth_GBps"] = copy_bw / 1e9
+
+    # graph: the eager step body in CUDA graphs (the engine before compilation; eager on the CPU)
+    base = "graph" if device.type == "cuda" else "eager"
+    engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="off"))
+    decode = decode_rows(engine, base, batches, [None] * len(batches), args.prompt_len, args.steps, copy_bw)
+    kv = decode_rows(engine, base, [max(batches)] * len(kv_lens), kv_lens, args.prompt_len, args.steps, copy_bw)
+    prof = {base: profile(engine, batches, args.prompt_len)}
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # compiled: the same step through torch.compile, captured in the same graphs (fuses w1/w3 in the model);
+    # what is needed first, then the KV-length buckets while the budget lasts
+    engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="on"))
+
+    def merge(rows: list[dict], kvs: list[int | None], deadline: float = float("inf")) -> None:
+        for row, new in zip(rows, decode_rows(engine, "compiled", [r["batch"] for r in rows], kvs, args.prompt_len,
+                                              args.steps, copy_bw, deadline)):
+            row["compiled"] = new["compiled"]
+            if isinstance(row.get(base), dict) and isinstance(new["compiled"], dict):
+                row["speedup"] = row[base]["step_ms"] / new["compiled"]["step_ms"]
+
+    merge(decode, [None] * len(batches))
+    prof["compiled"] = profile(engine, batches, args.prompt_len)
+    result.update(decode=decode, kv=kv, profile=prof)
+    result["ttfa"] = time_to_first_audio(engine, codec, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
+    result["load"] = [load(engine, codec, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
+    merge(kv, kv_lens, deadline)
+    result["build_s"] = {str(k): v for k, v in engine.runner.build_s.items()}
+    result["memory"] = {"kv_cache_bytes": kv_bytes(engine), "peak_allocated_bytes":
+                        torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     result["total_s"] = time.perf_counter() - t0
     text = json.dumps(result, indent=1)
     out = args.out or (None if args.dry_run else str(Path(__file__).parent / "results"))
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        tag = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+        tag = result["device"].lower().replace(" ", "_").replace("(", "").replace(")", "")
         (Path(out) / f"gpu_bench_{tag}.json").write_text(text)
     print(json.dumps(result))
     return result

@@ -3,8 +3,9 @@
 For each concurrency level, `c` workers keep one request each in flight (closed loop) for a fixed
 number of requests or a duration, after an untimed warm-up. Per level it reports time to first
 audio, time to the second chunk and total latency (p50/p90/p99), per-request real-time factor,
-aggregate audio-seconds per second, requests per second and errors, and the change of Triton's own
-inference statistics over the level. Two prompt modes:
+aggregate audio-seconds per second, requests per second and errors, the playback gap (how long a
+real-time player that starts at the first chunk waits for late chunks, per stream) and the change
+of Triton's own inference statistics over the level. Two prompt modes:
 
   unique  every request brings its own reference voice (audio + text), so no prefix is reused
           (the fair mode against prefix caching: each request pays reference encoding + prefill);
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from fish_s2.client import AsyncTTSClient, TTSClient
-from fish_s2.request import RequestError
+from fish_s2.request import Player, RequestError
 from fish_s2.routing import parse_endpoints
 
 CORPUS = Path(__file__).with_name("corpus.txt")
@@ -60,6 +61,7 @@ class Sample:
     second: float | None = None
     total: float | None = None
     audio_s: float = 0.0
+    gap: float = 0.0          # playback gap of the stream (seconds)
     error: str | None = None
 
     @property
@@ -88,7 +90,7 @@ def reference_voice(i: int, sample_rate: int = 24000, seconds: float = 3.0) -> t
 async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample:
     t0 = time.perf_counter()
     s = Sample(ok=False)
-    n, samples, rate = 0, 0, 1
+    n, samples, rate, player = 0, 0, 1, Player()
     try:
         async for chunk in client.stream(text, **fields):
             dt = time.perf_counter() - t0
@@ -99,8 +101,10 @@ async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample
             n += 1
             samples += chunk.audio.size
             rate = chunk.sample_rate
+            player.add(dt, chunk.audio.size / rate)
         s.total = time.perf_counter() - t0
         s.audio_s = samples / rate
+        s.gap = player.gap
         s.ok = n > 0
         if not s.ok:
             s.error = "no audio"
@@ -211,7 +215,8 @@ def summarize(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "requests_per_s": len(ok) / wall, "audio_s_per_s": audio / wall, "audio_s": audio,
             "ttfa_s": percentiles([s.first for s in ok]),
             "second_chunk_s": percentiles([s.second for s in ok if s.second is not None]),
-            "total_s": percentiles([s.total for s in ok]), "rtf": percentiles([s.rtf for s in ok if s.rtf])}
+            "total_s": percentiles([s.total for s in ok]), "rtf": percentiles([s.rtf for s in ok if s.rtf]),
+            "playback_gap_s": percentiles([s.gap for s in ok]), "streams_with_gap": sum(s.gap > 0 for s in ok)}
 
 
 def markdown(result: dict, header: bool = True) -> str:
@@ -222,12 +227,14 @@ def markdown(result: dict, header: bool = True) -> str:
              f"Server: {result['url']}, client machine: {result['machine']}\n"] if header else \
             [f"## {result['policy']} routing\n"]
     lines += ["| concurrency | requests | errors | TTFA p50/p90/p99 ms | 2nd chunk p50/p90 ms | total p50/p99 ms "
-             "| RTF p50 | audio-s/s | req/s |", "|---|---|---|---|---|---|---|---|---|"]
+              "| RTF p50 | playback gap p50/p90 ms (streams with a gap) | audio-s/s | req/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
-        t, s2, tot, r = lv["ttfa_s"], lv["second_chunk_s"], lv["total_s"], lv["rtf"]
+        t, s2, tot, r, g = lv["ttfa_s"], lv["second_chunk_s"], lv["total_s"], lv["rtf"], lv["playback_gap_s"]
         rtf = "-" if r["p50"] is None else f"{r['p50']:.2f}"
         lines.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {ms(t, 'p50')}/{ms(t, 'p90')}/"
                      f"{ms(t, 'p99')} | {ms(s2, 'p50')}/{ms(s2, 'p90')} | {ms(tot, 'p50')}/{ms(tot, 'p99')} | {rtf} | "
+                     f"{ms(g, 'p50')}/{ms(g, 'p90')} ({lv['streams_with_gap']}) | "
                      f"{lv['audio_s_per_s']:.2f} | {lv['requests_per_s']:.2f} |")
     base = result["levels"][0]["audio_s_per_s"]
     if base:
@@ -260,10 +267,10 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_voices(url: str, voice_ids: list[str], policy: str = "affinity") -> None:
+def prepare_voices(url: str, voice_ids: list[str], admin_key: str | None, policy: str = "affinity") -> None:
     """Register the voices that are not there yet, through the client the sweep uses (a fleet client
     registers a voice on the replica its policy sends it to, which warms its prefix there)."""
-    with TTSClient(url, policy=policy) as client:
+    with TTSClient(url, admin_key=admin_key, policy=policy) as client:
         present = {v.get("voice_id") for v in client.list_voices()}
         for voice_id in voice_ids:
             if voice_id not in present:   # a recording of its own per id: no two ids share a cached prefix
@@ -306,9 +313,9 @@ def sweep(args, policy: str, levels: list[int], texts: list[str], command: str) 
         raise SystemExit("--metrics-url: give one per --url endpoint, in the same order")
     args = argparse.Namespace(**vars(args), voice_ids=[f"loadgen-{args.tag}-{policy}-{n}" for n in range(args.voices)])
     if args.mode == "shared":
-        prepare_voices(args.url, [SHARED_VOICE], policy)
+        prepare_voices(args.url, [SHARED_VOICE], args.admin_key, policy)
     elif args.mode == "voices":
-        prepare_voices(args.url, args.voice_ids, policy)
+        prepare_voices(args.url, args.voice_ids, args.admin_key, policy)
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "duration": None})
         asyncio.run(run_level(args.url, 1, texts, warm, offset=10**6, policy=policy))
@@ -342,6 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           "per-replica prefix-cache hits and misses")
     ap.add_argument("--routing", default="affinity",
                     help="routing policies to compare, comma-separated (affinity, least, round_robin)")
+    ap.add_argument("--admin-key-file", help="the server's admin key, to register the voices of the shared and "
+                                             "voices modes (default: $FISH_S2_ADMIN_KEY)")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (closed loop)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
@@ -360,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "--note" in given:      # recorded on its own
         del given[given.index("--note"):given.index("--note") + 2]
     command = "python perf/loadgen.py " + " ".join(given)
+    args.admin_key = Path(args.admin_key_file).read_text().strip() if args.admin_key_file else None
     runs = [sweep(args, policy, levels, texts, command) for policy in args.routing.split(",")]
     for run in runs:
         run["note"] = args.note

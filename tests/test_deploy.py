@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("gpu", "cpu-demo")
 K8S_VERSIONS = ("1.30", "1.33")          # oldest version these manifests target; the version the spec used
-PLANNED_METRICS = {"fish_s2_rtf", "fish_s2_playback_gap_seconds"}   # dashboard panels waiting for them
+PLANNED_METRICS = {"fish_s2_rtf"}   # dashboard panels waiting for them
 TRITON_METRICS = {"nv_gpu_utilization"}
 
 _spec = importlib.util.spec_from_file_location("deploy_render", DEPLOY / "render.py")
@@ -380,9 +380,11 @@ DEFINED = {d.name: d for d in metrics.ALL}
 
 
 def max_active(profile: str) -> int:
-    """The profile's engine.max_active (for either runtime the one source of the engine's limits)."""
+    """The most slots (engine.max_active) a pod of the profile gets: its max_slots, the cap on the slot
+    count dual_ar derives from the memory (for either runtime the one source of the engine's limits)."""
     from fish_s2.serving.repository import PROFILE_SETTINGS
-    return PROFILE_SETTINGS[profile][0]["engine"]["max_active"]
+    settings = PROFILE_SETTINGS[profile][0]
+    return settings["engine"]["max_active"] or settings["max_slots"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

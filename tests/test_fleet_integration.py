@@ -4,6 +4,7 @@ and A drained through its launcher's SIGTERM path finishes its 4 running streams
 while new requests go to B; the fleet client sees no failure throughout."""
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ except FileNotFoundError as e:
     pytest.skip(f"no Triton server binary: {e}", allow_module_level=True)
 
 RATE = 16000
+ADMIN_KEY = secrets.token_hex(16)   # one key for the fleet: a fleet client registers and deletes on either replica
 LONG = dict(max_frames=48, first_chunk_frames=4, chunk_frames=6)    # up to 2.2 s of audio per stream
 
 
@@ -62,7 +64,8 @@ def _launcher(repo: Path, workdir: Path, ports: list[int], log: Path) -> subproc
         return subprocess.Popen([sys.executable, "-m", "fish_s2.serving.server", "--repository", str(repo),
                                  "--workdir", str(workdir), "--http-port", str(http), "--grpc-port", str(grpc_port),
                                  "--metrics-port", str(metrics), "--drain-grace-s", "60", "--exit-timeout-s", "30"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "FISH_S2_ADMIN_KEY": ADMIN_KEY})
 
 
 def test_two_replicas_share_voices_drain_and_fail_over(tiny_checkpoint, tmp_path):
@@ -73,7 +76,7 @@ def test_two_replicas_share_voices_drain_and_fail_over(tiny_checkpoint, tmp_path
     a = TritonServer(repo, tmp_path / "run-a", *ports_a)         # not started here: the launcher runs it
     launcher_log = tmp_path / "launcher-a.log"
     launcher = _launcher(repo, a.workdir, ports_a, launcher_log)
-    b = TritonServer(repo, tmp_path / "run-b", *free_ports(3))
+    b = TritonServer(repo, tmp_path / "run-b", *free_ports(3), admin_key=ADMIN_KEY)
     traffic = None
     try:
         b.start()
@@ -82,8 +85,9 @@ def test_two_replicas_share_voices_drain_and_fail_over(tiny_checkpoint, tmp_path
             assert launcher.poll() is None and time.monotonic() < deadline, launcher_log.read_text()
             time.sleep(0.25)
         t_ready = time.monotonic()
-        with TTSClient(a.grpc_url, timeout_s=120) as on_a, TTSClient(b.grpc_url, timeout_s=120) as on_b, \
-                TTSClient([a.grpc_url, b.grpc_url], timeout_s=120) as fleet:
+        key = dict(timeout_s=120, admin_key=ADMIN_KEY)
+        with TTSClient(a.grpc_url, **key) as on_a, TTSClient(b.grpc_url, **key) as on_b, \
+                TTSClient([a.grpc_url, b.grpc_url], **key) as fleet:
             fleet.register_voice("steady", _reference_audio(), RATE, "The steady voice.")
             traffic = Traffic(fleet)
             traffic.start()

@@ -68,7 +68,6 @@ def test_codec_spec():
 def test_constants_mirror_the_package_defaults():
     from fish_s2.serving.config import ServingConfig
     from fish_s2.serving.repository import PROFILE_SETTINGS
-    from fish_s2.trtllm.settings import load_trtllm_settings
 
     e, s = EngineConfig(), mp.PlanSettings()
     assert (e.max_prompt_tokens, e.max_frames, e.prefix_cache_bytes) == (
@@ -76,10 +75,11 @@ def test_constants_mirror_the_package_defaults():
     chunks = e.chunk_plan
     assert max(chunks.first_chunk_frames, chunks.chunk_frames) + chunks.context_frames == s.codec_chunk_frames
     assert ServingConfig.max_reference_seconds == s.reference_seconds
-    assert load_trtllm_settings().kv_cache.free_gpu_memory_fraction == mp.DEFAULT_KV_FRACTION
+    assert (ServingConfig.kv_memory_fraction, ServingConfig.dtype) == (mp.DEFAULT_KV_FRACTION, "auto")
     for name, plan in mp.PLAN_PROFILES.items():
         assert plan.codec_batch == PROFILE_SETTINGS[name][1].codec_max_batch
-        assert plan.max_slots == PROFILE_SETTINGS[name][0]["engine"]["max_active"]
+        assert plan.max_slots == PROFILE_SETTINGS[name][0]["max_slots"]
+        assert PROFILE_SETTINGS[name][0]["engine"]["max_active"] is None   # derived by dual_ar when it starts
 
 
 def test_kv_bytes_per_token():

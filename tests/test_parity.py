@@ -6,8 +6,9 @@ import sys
 
 
 def test_parity_cli_passes_on_golden_set(golden_dir):
-    proc = subprocess.run([sys.executable, "-m", "fish_s2.parity", str(golden_dir)], capture_output=True,
-                          text=True, timeout=600)
+    """Also with the engine's compiled decode step (--compiled): every generation case, frames exact."""
+    proc = subprocess.run([sys.executable, "-m", "fish_s2.parity", str(golden_dir), "--compiled"],
+                          capture_output=True, text=True, timeout=1200)
     result = json.loads(proc.stdout)
     assert proc.returncode == 0, result.get("failed") or result
     assert result["ok"] and not result["failed"]
@@ -15,6 +16,9 @@ def test_parity_cli_passes_on_golden_set(golden_dir):
     for prefix in ("slow_ar_forward.", "slow_ar_forward_bf16.", "fast_ar.", "generate_greedy.", "generate_multibatch.",
                    "generate_sampled.", "sampling.", "sampling_large.", "codec_decode.", "codec_encode."):
         assert any(k.startswith(prefix) for k in result["checks"]), prefix
+    for case in ("generate_greedy.b0.", "generate_multibatch.b1.", "generate_sampled."):
+        assert {"frames", "codes_yielded"} <= {k.rsplit(".", 1)[1] for k in result["checks"]
+                                               if k.startswith(f"compiled.{case}")}, case
 
 
 def test_parity_fails_on_a_corrupted_golden(golden_dir, tmp_path):

@@ -105,7 +105,8 @@ def test_api_key_is_required_when_configured(server):
 
 
 def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
-    result = loadgen.main(["--url", server.grpc_url, "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "1,2", "--requests", "6", "--warmup", "1",
                            "--max-frames", "24", "--mode", "shared", "--tag", "t", "--out", str(tmp_path)])
     for name in ("loadgen_t_shared.json", "loadgen_t_shared.md", "loadgen_t_shared.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -114,6 +115,7 @@ def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
     for lv in levels:
         assert lv["requests"] == 6 and 0 < lv["ttfa_s"]["p50"] <= lv["total_s"]["p50"]
         assert lv["audio_s_per_s"] > 0 and lv["triton_stats_delta"]["tts"]["success"] >= 6
+        assert lv["playback_gap_s"]["n"] == 6 and 0 <= lv["streams_with_gap"] <= 6
     binary = install(tmp_path / "bin")
     texts = [t for t in loadgen.CORPUS.read_text().splitlines() if t.strip()]
     pa = perf_analyzer_sweep.run(server.grpc_url, [1], texts, loadgen.SHARED_VOICE, 24, 6, binary=binary)
@@ -124,7 +126,8 @@ def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
 
 
 def test_unique_voice_mode_sends_references(server, tmp_path):
-    result = loadgen.main(["--url", server.grpc_url, "--concurrency", "2", "--requests", "2", "--warmup", "0",
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "2", "--requests", "2", "--warmup", "0",
                            "--max-frames", "8", "--mode", "unique", "--tag", "u", "--out", str(tmp_path)])
     assert result["levels"][0]["errors"] == 0
     audio, rate, _ = loadgen.reference_voice(1)
@@ -132,8 +135,8 @@ def test_unique_voice_mode_sends_references(server, tmp_path):
 
 
 def test_voices_mode_reports_the_replicas_prefix_cache(server, tmp_path):
-    result = loadgen.main(["--url", server.grpc_url, "--metrics-url", server.metrics_url, "--concurrency", "2",
-                           "--requests", "4", "--warmup", "0", "--max-frames", "4", "--mode", "voices", "--voices", "2",
+    result = loadgen.main(["--url", server.grpc_url, "--metrics-url", server.metrics_url,
+                           "--admin-key-file", str(server.admin_key_path), "--concurrency", "2", "--requests", "4", "--warmup", "0", "--max-frames", "4", "--mode", "voices", "--voices", "2",
                            "--tag", "v", "--out", str(tmp_path)])
     level = result["levels"][0]
     assert level["errors"] == 0 and level["replicas"][server.grpc_url]["served"] == 4

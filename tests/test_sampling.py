@@ -75,3 +75,27 @@ def test_sampling_among_the_best_equals_the_full_sort():
         for d in range(20):
             draw = torch.full((64,), d)
             assert torch.equal(full.sample(logits, torch.arange(V), draw), best.sample(logits, torch.arange(V), draw))
+
+
+def test_graph_sampling_bucket_is_exact_or_falls_back():
+    """The k_max a graph bakes in (engine.sample_k_max, 64): rows whose top_k fit sample exactly as the full
+    sort; a larger top_k would be truncated by it, so the runner picks the full-sort variant instead."""
+    from fish_s2.engine.runner import k_bucket
+
+    torch.manual_seed(1)
+    logits = torch.randn(64, 4097) * 2
+    params = [SamplingParams(temperature=0.5 + 0.01 * i, top_p=[0.8, 0.95, 1.0][i % 3], top_k=[1, 7, 30, 64][i % 4],
+                             seed=i) for i in range(64)]
+    full, best = BatchSampling.of(params), BatchSampling.of(params)
+    best.k_max = k_bucket([p.top_k for p in params], 64)
+    assert best.k_max == 64
+    for d in range(10):
+        draw = torch.full((64,), d)
+        assert torch.equal(full.sample(logits, torch.arange(4097), draw), best.sample(logits, torch.arange(4097), draw))
+    wide = [SamplingParams(temperature=1.0, top_p=1.0, top_k=1000, seed=i) for i in range(64)]
+    assert k_bucket([p.top_k for p in wide], 64) is None            # the runner's full-sort fallback
+    truncated = BatchSampling.of(wide)
+    truncated.k_max = 64
+    draws = torch.arange(64)
+    assert not torch.equal(truncated.sample(logits, torch.arange(4097), draws),
+                           BatchSampling.of(wide).sample(logits, torch.arange(4097), draws))

@@ -2,10 +2,12 @@
 engines/codecs: execute only hands off, every request gets exactly one FINAL response, STOP and
 broken clients free engine slots, metrics follow the engine."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
 import threading
+import time
 import types
 
 import numpy as np
@@ -15,11 +17,14 @@ from tritonclient.grpc import model_config_pb2
 
 from fish_s2.checkpoint import load_config
 from fish_s2.engine import EngineConfig, check_request
-from fish_s2.request import Busy, ChunkEvent, EngineRequest, Finished, Internal, InvalidArgument, Lifecycle, from_wire
+from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, Internal, InvalidArgument, Lifecycle,
+                             Unavailable, from_wire, new_request_id)
 from fish_s2.serving import metrics
 from fish_s2.serving import protocol as p
 from fish_s2.serving.dispatch import Dispatcher
+from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
+from fish_s2.serving.runtime import DualARStart, memory_plan
 from fish_s2.request import CodeChunk
 
 FINAL = 1
@@ -71,13 +76,15 @@ class FakeMetric:
 
 class MetricFamily:
     COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-    created = {}
+    created = {}            # name -> the last metric made; (name, sorted labels) -> metric
 
     def __init__(self, name, description, kind):
         self.name, self.kind = name, kind
 
     def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
+        assert all(isinstance(v, str) for v in labels.values()), labels
         metric = MetricFamily.created[self.name] = FakeMetric(buckets, labels)
+        MetricFamily.created[(self.name, tuple(sorted(labels.items())))] = metric
         return metric
 
 
@@ -88,8 +95,11 @@ def _fake_pb_utils():
     pb.MetricFamily = MetricFamily
     pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
     pb.using_decoupled_model_transaction_policy = lambda cfg: cfg.get("model_transaction_policy", {}).get("decoupled")
-    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None)
+    pb.Logger = types.SimpleNamespace(log_warn=lambda msg: None, log_info=LOG.append)
     return pb
+
+
+LOG = []
 
 
 class Sender:
@@ -161,7 +171,7 @@ class FakeEngine:
     def stop(self):
         self.stopped = True
         self.lifecycle.close()
-        self.lifecycle.finish_all("cancelled")
+        self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down"))
 
 
 # ------------------------------------------------------------------ loading a model.py the way Triton does
@@ -173,8 +183,8 @@ def repo(tiny_checkpoint, tmp_path_factory):
     return out / "repo"
 
 
-def _load(monkeypatch, repo, model, instance: dict | None = None, **patches):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+def _load(monkeypatch, repo, model, pb=None, instance: dict | None = None, **patches):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb or _fake_pb_utils())
     spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATES / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -188,19 +198,35 @@ def _load(monkeypatch, repo, model, instance: dict | None = None, **patches):
     return loaded
 
 
-def _generate_inputs(fmt="int16", start_ns=42, rows=11):
+def _generate_inputs(fmt="int16", start_ns=42, rows=11, request_id=None):
     req = p.TTSRequest("x", None, None, p.SamplingParams(seed=3), 20, p.ChunkPlan(2, 3, 1), fmt)
-    return p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns)
+    return {**p.generate_tensors(np.ones((rows, 9), np.int64), 4, req, start_ns),
+            "REQUEST_ID": np.array([(request_id or new_request_id()).encode()], dtype=object)}
 
 
 def _chunk(request_id, index, frames=3, context=1):
     return ChunkEvent(request_id, CodeChunk(index, np.arange(10 * (frames + context)).reshape(10, -1), context), 0.1)
 
 
+def _start_with(engine, devices=None):
+    """A start_dual_ar giving ``engine`` with the real plan for this machine's memory (planned on the CPU
+    whatever device the instance got; ``devices`` collects those)."""
+    def start(cfg, codec_batch, log):
+        if devices is not None:
+            devices.append(cfg.device)
+        plan = check_fits(memory_plan(dataclasses.replace(cfg, device="cpu"), codec_batch=codec_batch))
+        for line in plan.to_text().splitlines():
+            log(line)
+        engine.plan = plan
+        return DualARStart(engine, plan, 0.25)
+
+    return start
+
+
 @pytest.fixture()
 def dual_ar(monkeypatch, repo, tiny_checkpoint):
     engine = FakeEngine(load_config(tiny_checkpoint)[0])
-    model = _load(monkeypatch, repo, "dual_ar", build_engine=lambda cfg: engine)
+    model = _load(monkeypatch, repo, "dual_ar", start_dual_ar=_start_with(engine))
     yield model, engine
     model.finalize()
 
@@ -245,15 +271,23 @@ def test_dual_ar_bad_and_busy_requests_get_one_error_final(dual_ar, monkeypatch)
     assert model.dispatch.live() == 0
 
 
-def test_stop_cancels_the_requests_of_one_triton_id(dual_ar):
+def test_stop_ends_only_the_request_with_that_server_issued_id(dual_ar):
     model, engine = dual_ar
-    mine, other = Request(_generate_inputs(), "abc"), Request(_generate_inputs(), "xyz")
+    mine_id = new_request_id()
+    mine, other = Request(_generate_inputs(request_id=mine_id), "same"), Request(_generate_inputs(), "same")
     model.execute([mine, other])
-    stop = Request({"STOP": np.array([True])}, "abc")
+    for bad in ({"STOP": np.array([True])}, {"STOP": np.array([True]), "REQUEST_ID": np.array([b"same"], object)}):
+        refused = Request(bad, "same")                       # the client's own Triton id means nothing
+        model.execute([refused])
+        assert refused.sender.finals[0].error.message().startswith("request_id:")
+    stranger = Request(p.stop_tensors(new_request_id()))    # an id nobody holds: nothing happens
+    model.execute([stranger])
+    assert stranger.sender.finals == [None] and not mine.sender.done.is_set()
+    stop = Request(p.stop_tensors(mine_id))
     model.execute([stop])
     assert stop.sender.finals == [None] and mine.sender.done.wait(5)
-    assert mine.sender.finals == [None] and not other.sender.done.is_set()
-    assert len(engine.cancelled) == 1
+    assert mine.sender.finals == [None] and not other.sender.done.is_set()   # plain: tts tells the client
+    assert engine.cancelled == [mine_id]
 
 
 def test_engine_error_and_broken_client(dual_ar):
@@ -276,7 +310,24 @@ def test_finalize_finishes_every_live_request_and_metrics_follow(dual_ar):
     assert MetricFamily.created[metrics.ACTIVE.name].value == 3
     assert MetricFamily.created[metrics.PREFIX_HITS.name].value == 2
     model.finalize()
-    assert engine.stopped and all(r.sender.finals == [None] for r in pending)
+    assert engine.stopped and all(r.sender.finals[0].error.code == TritonError.UNAVAILABLE for r in pending)
+
+
+def test_dual_ar_exports_its_memory_plan_and_warm_up(dual_ar):
+    model, engine = dual_ar
+    plan = engine.plan
+    gauge = lambda name, **labels: MetricFamily.created[(name, tuple(sorted(labels.items())))].value  # noqa: E731
+    assert gauge("fish_s2_kv_slots") == plan.max_active == 16          # derived: the cpu profile's cap
+    assert gauge("fish_s2_kv_tokens_per_slot") == plan.tokens_per_slot == 3072
+    assert gauge("fish_s2_kv_bytes_per_token") == plan.kv_bytes_per_token
+    assert gauge("fish_s2_memory_available_bytes") == plan.available_bytes
+    for c in plan.components:
+        assert gauge("fish_s2_memory_planned_bytes", component=c.name) == c.bytes
+    assert gauge("fish_s2_memory_planned_bytes", component="total") == plan.total_bytes
+    assert gauge(metrics.WARMUP.name, model="dual_ar") == 0.25
+    assert {n for n, _, _ in plan.to_metrics()} == {d.name for d in metrics.PLAN}
+    assert "\n".join(LOG[-len(plan.to_text().splitlines()):]) == plan.to_text()
+    assert plan.settings.codec_batch == 8                           # from the repository's codec config
 
 
 def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
@@ -284,12 +335,12 @@ def test_dispatcher_forgets_a_request_whose_submit_failed(tiny_checkpoint):
     dispatch = Dispatcher(engine, lambda stream, event: None)
     prompt = np.ones((11, 9), np.int64)
     for _ in range(2):
-        dispatch.submit(EngineRequest(prompt), "full", None)
+        dispatch.submit(EngineRequest(prompt), None)
     with pytest.raises(Busy):
-        dispatch.submit(EngineRequest(prompt), "c", None)
+        dispatch.submit(EngineRequest(prompt), None)
     with pytest.raises(InvalidArgument, match="^prompt:"):      # the engine's real check
-        dispatch.submit(EngineRequest(prompt[:5]), "c", None)
-    assert dispatch.live() == 2 and dispatch.stop("c") == 0
+        dispatch.submit(EngineRequest(prompt[:5]), None)
+    assert dispatch.live() == 2
     engine.stop()
     dispatch.close()
     assert dispatch.live() == 0
@@ -299,7 +350,7 @@ def test_postprocess_trims_context_and_formats(monkeypatch, repo):
     model = _load(monkeypatch, repo, "postprocess")
     fl = model.frame_length
     decoded = np.linspace(-1.5, 1.5, 5 * fl, dtype=np.float32)
-    rid = np.array([b"r1"], dtype=object)
+    rid = np.array([new_request_id().encode()], dtype=object)
     reqs = [Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(0, 2, 1, 0).pack(), "REQUEST_ID": rid}),
             Request({"DECODED": decoded, "CHUNK_META": p.ChunkMeta(1, 2, 0, 0).pack(), "REQUEST_ID": rid})]
     first, second = model.execute(reqs)
@@ -308,6 +359,34 @@ def test_postprocess_trims_context_and_formats(monkeypatch, repo):
     assert np.array_equal(second.outputs["AUDIO"], decoded[2 * fl:]) and second.outputs["AUDIO_INT16"].size == 0
     assert second.outputs["CHUNK_INDEX"].tolist() == [1] and first.outputs["SAMPLE_RATE"].tolist() == [44100]
     assert len(MetricFamily.created[metrics.TTFA.name].observed) == 1    # chunk 0 only
+
+
+def test_postprocess_observes_playback_gaps(monkeypatch, repo):
+    """A player per stream from its chunk 0: a chunk that arrives after the audio before it has played out
+    is a gap (its wait observed); a stream whose earlier chunks went elsewhere is not followed; idle ones
+    are forgotten."""
+    clock = {"t": 100.0}
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock["t"], monotonic_ns=lambda: int(clock["t"] * 1e9))
+    model = _load(monkeypatch, repo, "postprocess", time=fake_time)
+    chunk_s = 4 * model.frame_length / model.sample_rate
+
+    A, B, C = (new_request_id() for _ in range(3))
+
+    def send(rid: str, index: int, at: float) -> None:
+        clock["t"] = at
+        model.execute([Request({"DECODED": np.zeros(4 * model.frame_length, np.float32),
+                                "CHUNK_META": p.ChunkMeta(index, 0, 0, 0).pack(),
+                                "REQUEST_ID": np.array([rid.encode()], dtype=object)})])
+
+    send(A, 0, 100.0)                            # plays until 100 + chunk_s
+    send(B, 1, 100.0)                            # b's chunk 0 passed another instance: not followed
+    send(A, 1, 100.0 + chunk_s / 2)              # in time
+    send(A, 2, 100.0 + 2 * chunk_s + 0.3)        # 0.3 s after the audio ran out
+    gaps = MetricFamily.created[metrics.PLAYBACK_GAP.name]
+    assert gaps.observed == [pytest.approx(0.3)] and gaps.buckets == list(metrics.PLAYBACK_GAP.buckets)
+    assert set(model.players) == {A}
+    send(C, 0, 1000.0)                           # a has been idle for longer than STALE_S: forgotten
+    assert set(model.players) == {C} and len(MetricFamily.created[metrics.TTFA.name].observed) == 2
 
 
 def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
@@ -323,6 +402,10 @@ def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
             return np.repeat(codes[:, 0, :].astype(np.float32), 4, axis=1)
 
     model = _load(monkeypatch, repo, "codec_decoder", build_codec_decoder=lambda cfg: Decoder())
+    plan = EngineConfig().chunk_plan   # warm-up: a first chunk and a steady one with context
+    assert calls == [(1, 10, plan.first_chunk_frames), (1, 10, plan.chunk_frames + plan.context_frames)]
+    assert MetricFamily.created[(metrics.WARMUP.name, (("model", "codec_decoder"),))].value > 0
+    calls.clear()
     codes = [np.full((1, 10, f), i) for i, f in enumerate((3, 5, 3, 7))]
     out = model.execute([Request({"CODES": c}) for c in codes])
     assert sorted(calls) == [(1, 10, 5), (1, 10, 7), (2, 10, 3)]
@@ -351,13 +434,142 @@ def test_a_gpu_instance_runs_on_its_own_gpu(monkeypatch, repo, tiny_checkpoint):
 
     made, current = [], []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    engine = FakeEngine(load_config(tiny_checkpoint)[0])
+    start = _start_with(FakeEngine(load_config(tiny_checkpoint)[0]), made)
     model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "GPU", "model_instance_device_id": "1"},
-                  build_engine=lambda cfg: made.append(cfg.device) or engine)
+                  start_dual_ar=start)
     assert made == ["cuda:1"] and current == [1]
     assert MetricFamily.created[metrics.ACTIVE.name].labels == {"gpu": "1"}
+    assert (metrics.WARMUP.name, (("gpu", "1"), ("model", "dual_ar"))) in MetricFamily.created   # startup gauges too
+    assert (metrics.PLAN[0].name, (("component", "total"), ("gpu", "1"))) in MetricFamily.created
     model.finalize()
     model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "CPU", "model_instance_device_id": "0"},
-                  build_engine=lambda cfg: made.append(cfg.device) or engine)
+                  start_dual_ar=start)
     assert made[-1] == "cpu" and MetricFamily.created[metrics.ACTIVE.name].labels == {}
     model.finalize()
+
+
+# ------------------------------------------------------------------ tts: the relay through tts_pipeline
+
+class PipelineResponse:
+    def __init__(self, tensors=(), error=None):
+        self._tensors, self._error = list(tensors), error
+
+    def has_error(self):
+        return self._error is not None
+
+    def error(self):
+        return self._error
+
+    def output_tensors(self):
+        return self._tensors
+
+
+class FakeBLS:
+    """Stands in for Triton's BLS calls from tts: tts_pipeline streams a chunk every few ms until dual_ar
+    gets a STOP for the request's id, then ends with dual_ar's CANCELLED error (as the real pipeline)."""
+
+    def __init__(self, chunks=200, error=None):
+        self.chunks, self.error = chunks, error
+        self.calls, self.stops, self.yielded_after_stop = [], [], 0
+        self.drained = threading.Event()
+
+    def request_class(self):
+        bls = self
+
+        class InferenceRequest:
+            def __init__(self, model_name, inputs, requested_output_names):
+                self.model, self.inputs = model_name, {t.name(): t.as_numpy() for t in inputs}
+
+            def exec(self, decoupled=False):
+                bls.calls.append((self.model, self.inputs))
+                if self.model == p.DUAL_AR:
+                    bls.stops.append(p.parse_generate_request(lambda n: self.inputs.get(n)).request_id)
+                    return iter([PipelineResponse()])
+                return bls.stream(self.inputs["STREAM_ID"][0].decode())
+
+        return InferenceRequest
+
+    def stream(self, request_id):
+        try:
+            if self.error is not None:
+                yield PipelineResponse(error=self.error)
+                return
+            for i in range(self.chunks):
+                time.sleep(0.005)
+                if request_id in self.stops:
+                    yield PipelineResponse(error=TritonError("stopped [fish-s2:CANCELLED]", TritonError.CANCELLED))
+                    return
+                yield PipelineResponse([Tensor("CHUNK_INDEX", np.array([i], np.int32))])
+            yield PipelineResponse()                                   # the flag-only final response
+        finally:
+            self.drained.set()
+
+
+def _tts(monkeypatch, repo, bls):
+    pb = _fake_pb_utils()
+    pb.InferenceRequest = bls.request_class()
+    return _load(monkeypatch, repo, "tts", pb=pb)
+
+
+def test_tts_relays_and_stops_the_engine_request_of_a_client_that_is_gone(monkeypatch, repo):
+    bls = FakeBLS()
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        request = Request(p.tts_inputs("Hello."))
+        assert model.execute([request]) is None                          # hands off at once
+        deadline = time.monotonic() + 5
+        while len(request.sender.responses) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        request.sender.cancelled = True                                  # the client disconnects
+        assert request.sender.done.wait(5) and bls.drained.wait(5)
+        (pipeline, inputs), = [c for c in bls.calls if c[0] == p.TTS_PIPELINE]
+        issued = inputs["STREAM_ID"][0].decode()
+        assert p.REQUEST_ID.fullmatch(issued) and bls.stops == [issued]  # the server-issued id, stopped once
+        assert request.sender.finals == [None] and len(request.sender.responses) < bls.chunks
+        assert model.relay.live() == 0
+    finally:
+        model.finalize()
+
+
+def test_tts_stop_by_the_owner_ends_the_stream_cancelled(monkeypatch, repo):
+    bls = FakeBLS()
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        request = Request(p.tts_inputs("Hello."))
+        model.execute([request])
+        deadline = time.monotonic() + 5
+        while not request.sender.responses and time.monotonic() < deadline:
+            time.sleep(0.005)
+        issued = bls.calls[0][1]["STREAM_ID"][0].decode()
+        refused = [Request({"STOP": np.array([True]), "REQUEST_ID": np.array([b"client-chosen"], dtype=object)}),
+                   Request({**p.stop_tensors(issued), "TEXT": np.array([b"x"], dtype=object)})]
+        model.execute(refused)
+        assert [r.sender.finals[0].error.message().split(":")[0] for r in refused] == ["request_id", "stop"]
+        stranger = Request(p.stop_tensors(new_request_id()))
+        model.execute([stranger])
+        assert stranger.sender.finals == [None] and not request.sender.done.is_set()
+        owner = Request(p.stop_tensors(issued))                       # the id only the stream's responses carry
+        model.execute([owner])
+        assert owner.sender.finals == [None] and request.sender.done.wait(5)
+        (final,) = request.sender.finals                              # never a normal end
+        assert final.error.code == TritonError.CANCELLED and bls.stops == [issued]
+    finally:
+        model.finalize()
+
+
+def test_tts_refuses_a_missing_text_at_once_and_forwards_pipeline_errors(monkeypatch, repo):
+    bls = FakeBLS(error=TritonError("in ensemble 'tts_pipeline', voice_id: unknown voice 'x' [fish-s2:NOT_FOUND]",
+                                    TritonError.NOT_FOUND))
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        missing = Request({k: v for k, v in p.tts_inputs("x", seed=1).items() if k != "TEXT"})
+        failing = Request(p.tts_inputs("Hello.", voice_id="x"))
+        model.execute([missing, failing])
+        (final,) = missing.sender.finals
+        assert final.error.code == TritonError.INVALID_ARG and final.error.message().startswith("text: required")
+        assert failing.sender.done.wait(5)
+        (final,) = failing.sender.finals
+        assert final.error.code == TritonError.NOT_FOUND and from_wire(final.error.message()).field == "voice_id"
+        assert [c[0] for c in bls.calls] == [p.TTS_PIPELINE] and not failing.sender.responses
+    finally:
+        model.finalize()

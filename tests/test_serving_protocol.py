@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fish_s2.request import InvalidArgument, SamplingParams
+from fish_s2.request import InvalidArgument, SamplingParams, new_request_id
 from fish_s2.serving import protocol as p
 from fish_s2.request import ChunkPlan
 
@@ -96,7 +96,9 @@ def test_generate_tensors_round_trip():
     prompt = np.arange(22, dtype=np.int64).reshape(11, 2)
     tensors = p.generate_tensors(prompt, 1, req, 123)
     assert set(tensors) == {s.name for s in p.GENERATE_INPUTS}
-    gen = p.parse_generate_request(_get(tensors))
+    rid = new_request_id()
+    gen = p.parse_generate_request(_get({**tensors, **p.stop_tensors(rid), "STOP": np.array([False])}))
+    assert gen.request_id == rid
     assert np.array_equal(gen.prompt, prompt) and gen.prefix_len == 1 and gen.start_ns == 123
     # float32 on the wire, as the engine's per-row sampling buffers hold them
     assert np.float32(gen.params.top_p) == np.float32(req.params.top_p) and gen.params.seed == 7
@@ -105,13 +107,33 @@ def test_generate_tensors_round_trip():
 
 
 def test_stop_requests():
-    assert p.parse_generate_request(_get({"STOP": np.array([True])})) is None
+    rid = new_request_id()
+    assert p.parse_generate_request(_get(p.stop_tensors(rid))) == p.StopRequest(rid)
     with pytest.raises(InvalidArgument, match="^stop:"):
-        p.parse_generate_request(_get({"STOP": np.array([True]), "SEED": np.array([1], np.int64)}))
-    tensors = p.generate_tensors(np.zeros((11, 3), np.int64), 0, _parse(), 0)
+        p.parse_generate_request(_get({**p.stop_tensors(rid), "SEED": np.array([1], np.int64)}))
+    for bad in (None, "client-chosen", rid.upper(), rid + "0"):   # only a server-issued id names a request
+        tensors = {"STOP": np.array([True])} | ({} if bad is None else
+                                                 {"REQUEST_ID": np.array([bad.encode()], dtype=object)})
+        with pytest.raises(InvalidArgument, match="^request_id:"):
+            p.parse_generate_request(_get(tensors))
+    tensors = {**p.generate_tensors(np.zeros((11, 3), np.int64), 0, _parse(), 0), **p.stop_tensors(rid)}
+    tensors["STOP"] = np.array([False])
     del tensors["TOP_P"]
     with pytest.raises(InvalidArgument, match="^top_p: required"):
         p.parse_generate_request(_get(tensors))
+
+
+@pytest.mark.parametrize("meta, message", [
+    (None, "chunk_meta: expected 4 integers"), (np.arange(3), "chunk_meta: expected 4 integers"),
+    (np.array([0.5, 1, 0, 0]), "chunk_meta: expected 4 integers"), (np.array([0, 1, 7, 0]), "chunk_meta: must be in"),
+    (np.array([-1, 1, 0, 0]), "chunk_meta: must be in")])
+def test_internal_inputs_are_validated(meta, message):
+    with pytest.raises(InvalidArgument, match=message):
+        p.ChunkMeta.unpack(meta)
+    with pytest.raises(InvalidArgument, match="^codes:"):
+        p.check_chunk_codes(np.zeros((2, 10, 3), np.int64))
+    with pytest.raises(InvalidArgument, match="^decoded:"):
+        p.check_decoded(np.zeros(10, np.float32), p.ChunkMeta(0, 1, 0, 0), 4)
 
 
 def test_chunk_meta_and_pcm16():

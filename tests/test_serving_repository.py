@@ -1,6 +1,7 @@
 """The repository generator: every config parses, the ensemble's wiring is consistent with the models
 it connects, the settings file round-trips, and overrides and bad settings are checked."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,9 +12,11 @@ from fish_s2.serving import protocol as p
 from fish_s2.serving.adapter import check_io
 from fish_s2.serving.config import FILE_NAME, ServingConfig
 from fish_s2.serving.repository import MODELS, PROFILE_SETTINGS, PYTHON_MODELS, generate, main
+from fish_s2.serving.runtime import memory_plan
 from fish_s2.trtllm.settings import DEFAULT_PATH, load_trtllm_settings
 
-PROTOCOL_IO = {p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS), p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
+PROTOCOL_IO = {p.TTS: (p.ENTRY_INPUTS, p.TTS_OUTPUTS), p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
+               p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS),
                p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS), p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS),
                p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS)}
 
@@ -25,8 +28,10 @@ def _configs(repo):
 
 def _check_ensemble(configs):
     """Every mapped name exists on its model, every consumed tensor is produced earlier with the same type."""
-    tts = configs[p.TTS]
+    tts = configs[p.TTS_PIPELINE]
     available = {t.name: t.data_type for t in tts.input}
+    produced = {value for step in tts.ensemble_scheduling.step for value in step.output_map.values()}
+    assert not produced & set(available), "a step output reuses an ensemble input's name"
     for step in tts.ensemble_scheduling.step:
         model = configs[step.model_name]
         inputs = {t.name: t for t in model.input}
@@ -93,9 +98,13 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     cfg = generate("gpu", tiny_checkpoint, art, repo)        # no plan yet: ONNX Runtime backend
     assert (cfg.runtime, cfg.codec_runtime, cfg.device) == ("trtllm", "onnxruntime", "cuda")
     engine = PROFILE_SETTINGS["gpu"][0]["engine"]             # the profile's own limits, for either runtime
-    assert (cfg.engine.max_active, cfg.engine.max_queued) == (engine["max_active"], engine["max_queued"])
-    kw = load_trtllm_settings(DEFAULT_PATH).llm_kwargs(cfg.engine)   # ... and what the LLM is built with
-    assert kw["max_batch_size"] == engine["max_active"] and kw["max_seq_len"] == cfg.engine.max_seq_len
+    assert (cfg.engine.max_active, cfg.engine.max_queued) == (None, engine["max_queued"])   # slots: derived
+    assert (cfg.dtype, cfg.max_slots, cfg.kv_memory_fraction) == ("auto", 64, 0.85)
+    plan = memory_plan(cfg, 80 << 30, 32)                      # what dual_ar plans when it starts
+    resolved = dataclasses.replace(cfg.engine, **plan.engine_settings())
+    kw = load_trtllm_settings(DEFAULT_PATH).llm_kwargs(resolved, plan.trtllm_kv_cache()["kv_cache"])
+    assert kw["max_batch_size"] == plan.max_active == 64 and kw["max_seq_len"] == cfg.engine.max_seq_len == 3072
+    assert kw["kv_cache_config"]["max_tokens"] == 64 * 3072 and kw["kv_cache_config"]["free_gpu_memory_fraction"] == 0.85
     short = generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.max_frames": 50})
     assert short.engine.max_frames == 50
     with pytest.raises(ValueError, match="max_prompt_tokens.*max_num_tokens"):   # checked against llm_api.yaml
@@ -106,6 +115,10 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     _check_ensemble(configs)
     codec = configs[p.CODEC_DECODER]
     assert codec.backend == "onnxruntime" and [t.name for t in codec.input] == ["codes_in"]
+    (warmup,) = codec.model_warmup                            # a first chunk before the backend reports ready
+    assert warmup.batch_size == 1 and list(warmup.inputs["codes_in"].dims) == [10, 4]
+    assert warmup.inputs["codes_in"].zero_data and warmup.inputs["codes_in"].data_type == codec.input[0].data_type
+    assert configs[p.DUAL_AR].parameters["codec_max_batch"].string_value == "32"   # for dual_ar's memory plan
     assert (repo / p.CODEC_DECODER / "1" / "model.onnx").resolve() == (art / "onnx" / "codec_decoder.onnx").resolve()
     (art / "trt").mkdir()
     (art / "trt" / "codec_decoder.plan").write_bytes(b"plan")
@@ -113,6 +126,7 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     codec = _configs(repo)[p.CODEC_DECODER]
     assert cfg.codec_runtime == "tensorrt" and codec.platform == "tensorrt_plan" and codec.max_batch_size == 64
     assert [t.name for t in codec.output] == ["audio_out"]   # names of the network the plan was built from
+    assert list(codec.model_warmup[0].inputs["codes_in"].dims) == [10, 4]
     assert (repo / p.CODEC_DECODER / "1" / "model.plan").is_symlink()
     assert not (repo / p.CODEC_DECODER / "1" / "model.py").exists()
 
@@ -191,7 +205,8 @@ def test_tensor_parallel_size_is_an_llm_setting(tiny_checkpoint, tmp_path):
     from fish_s2.engine.config import EngineConfig
 
     data = yaml.safe_load(DEFAULT_PATH.read_text())
-    assert load_trtllm_settings(DEFAULT_PATH).llm_kwargs(EngineConfig())["tensor_parallel_size"] == 1
+    budget = {"free_gpu_memory_fraction": 0.7, "max_tokens": 16 * 3072}   # the memory plan's KV budget
+    assert load_trtllm_settings(DEFAULT_PATH).llm_kwargs(EngineConfig(), budget)["tensor_parallel_size"] == 1
     tp2 = tmp_path / "tp2.yaml"
     tp2.write_text(yaml.safe_dump({**data, "tensor_parallel_size": 2}))
     (tmp_path / "art" / "trtllm").mkdir(parents=True)

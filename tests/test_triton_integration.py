@@ -4,6 +4,7 @@ say CLI and the demo. One server for the module (restarted once, to show voices 
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.util
 import re
 import subprocess
@@ -26,7 +27,7 @@ from fish_s2.request import SamplingParams
 from fish_s2.serving import metrics
 from fish_s2.serving.demo import DEMO_TEXT
 from fish_s2.serving.repository import generate
-from fish_s2.serving.runtime import ReferenceEncoder
+from fish_s2.serving.runtime import ReferenceEncoder, memory_plan
 from fish_s2.serving.server import TritonServer, free_ports, pytriton_dist
 from fish_s2.request import ChunkPlan
 from fish_s2.streaming import decode_chunks
@@ -52,7 +53,7 @@ def deployment(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(deployment):
-    with TTSClient(deployment[0].grpc_url, timeout_s=120) as c:
+    with TTSClient(deployment[0].grpc_url, timeout_s=120, admin_key=deployment[0].admin_key) as c:
         yield c
 
 
@@ -60,7 +61,8 @@ def client(deployment):
 def reference(tiny, deployment):
     """In-process: the audio the server should stream for (text, voice codes, seed, max_frames, plan)."""
     builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
-    engine = Engine(tiny.model, deployment[1].engine)
+    cfg = deployment[1]   # the engine block as dual_ar resolves it (slots derived from the memory)
+    engine = Engine(tiny.model, dataclasses.replace(cfg.engine, **memory_plan(cfg).engine_settings()))
 
     def run(text, seed, max_frames, plan=deployment[1].engine.chunk_plan, voice=None):
         prompt, prefix_len = builder.request(text, [] if voice is None else [voice])
@@ -90,7 +92,7 @@ def test_streamed_request_equals_the_engine(client, reference, tiny):
                                 chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames))
     expected, n_frames = reference(text, 11, 30, PLAN)
     assert [c.index for c in chunks] == list(range(len(chunks)))
-    assert len(chunks) == 1 + -(-(n_frames - PLAN.first_chunk_frames) // PLAN.chunk_frames)
+    assert [c.audio.size for c in chunks] == [n * tiny.codec.frame_length for n in PLAN.sizes(n_frames)]
     audio = np.concatenate([c.audio for c in chunks])
     assert audio.size == n_frames * tiny.codec.frame_length and chunks[0].sample_rate == tiny.codec.sample_rate
     assert np.allclose(audio, expected, atol=1e-4), np.abs(audio - expected).max()
@@ -147,7 +149,7 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
     stream = client.stream("A long sentence that will not be finished.", max_frames=1000,
                            first_chunk_frames=2, chunk_frames=2)
     assert [next(stream).index, next(stream).index] == [0, 1]
-    stream.close()                                   # cancels the gRPC stream and sends STOP to dual_ar
+    stream.close()                                   # cancels the gRPC stream: tts stops the engine request
     deadline = time.monotonic() + 20
     while _metric(_metrics(server), metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -170,6 +172,9 @@ def test_cancel_mid_stream_frees_the_engine_slot(client, deployment):
 
     frames_before = _metric(_metrics(server), metrics.FRAMES.name)
     asyncio.run(abandon_async_streams())
+    deadline = time.monotonic() + 2                  # the server sees each cancel and frees the slot
+    while _metric(_metrics(server), metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     text = _metrics(server)
     assert _metric(text, metrics.ACTIVE.name) == 0 and _metric(text, metrics.FRAMES.name) - frames_before < 300
 
@@ -232,8 +237,11 @@ def test_voices_survive_a_restart_and_the_say_cli(deployment, tmp_path):
     bad = subprocess.run(say + ["Hi.", "--voice", "../x", "-o", str(out), "--url", server.grpc_url],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "voice_id: must match" in bad.stderr
-    deleted = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
-                             capture_output=True, text=True)
+    refused = subprocess.run(say + ["voices", "--url", server.grpc_url, "delete", "bob"],
+                             capture_output=True, text=True)         # no admin key: refused
+    assert refused.returncode == 1 and "admin_key: missing or wrong" in refused.stderr
+    deleted = subprocess.run(say + ["voices", "--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                                    "delete", "bob"], capture_output=True, text=True)
     assert deleted.returncode == 0 and '"deleted": true' in deleted.stdout
 
 

@@ -149,14 +149,17 @@ def test_cache_salt_covers_every_code_row(tiny, prompts):
 def test_settings_yaml(tmp_path):
     """llm_api.yaml is the one source of the LLM arguments; the engine block (serving.yaml) gives the limits."""
     s, engine = load_trtllm_settings(DEFAULT_PATH), EngineConfig(max_active=6)
-    kw = s.llm_kwargs(engine)
+    budget = {"free_gpu_memory_fraction": 0.7, "max_tokens": 6 * 3072}   # the memory plan's (test_memory_plan.py)
+    kw = s.llm_kwargs(engine, budget)
     assert kw["max_seq_len"] == engine.max_prompt_tokens + engine.max_frames and kw["max_batch_size"] == 6
-    assert kw["kv_cache_config"]["enable_block_reuse"] and kw["kv_cache_config"]["tokens_per_block"] == 16
+    assert kw["kv_cache_config"] == {"enable_block_reuse": True, "tokens_per_block": 16, **budget}
     assert kw["cuda_graph_config"]["batch_sizes"] == [1, 2, 4, 6] and s.n_slots(engine) == 12
     assert kw["skip_tokenizer_init"]
     data = yaml.safe_load(DEFAULT_PATH.read_text())
-    assert settings_from_dict({**data, "cuda_graph": None}).llm_kwargs(engine)["cuda_graph_config"] is None
+    assert settings_from_dict({**data, "cuda_graph": None}).llm_kwargs(engine, budget)["cuda_graph_config"] is None
     for bad, match in (({"kv_cache": {**data["kv_cache"], "tokens_per_blok": 16}}, "kv_cache.tokens_per_blok: unknown"),
+                       ({"kv_cache": {**data["kv_cache"], "free_gpu_memory_fraction": 0.9}},   # serving.yaml's
+                        "kv_cache.free_gpu_memory_fraction: unknown"),
                        ({"engine": {"max_active": 3}}, "engine: unknown setting"),
                        ({"triton_config": {}}, "triton_config: unknown setting"),
                        ({"max_batch": 3}, "max_batch: unknown setting"),

@@ -9,8 +9,9 @@ import torch
 from fish_s2.generate import generate
 from fish_s2.request import SamplingParams
 from fish_s2.sampling import seed_to_key
-from fish_s2.trtllm.model import CODES_OUTPUT, MM_KEY, DualARStep, DualARView, FishInputProcessor, request_inputs
-from fish_s2.trtllm.state import NO_TOKEN, SlotManager, SlotsExhausted, SlotState, bind, bound
+from fish_s2.trtllm.model import (CODES_OUTPUT, MM_KEY, DualARStep, DualARView, FishInputProcessor, failed_frames,
+                                 request_inputs)
+from fish_s2.trtllm.state import FAILED_CODE, NO_TOKEN, SlotManager, SlotState, bind, bound
 from trtllm_fakes import SAMPLE_PARAMS, FakeExecutor, eos_prone, fake_sampling_params, sample_prompts
 
 
@@ -26,26 +27,53 @@ def test_slots_follow_batch_rows_and_are_freed():
     assert len({s7, s8, st.scratch}) == 3
     assert st.row_read.tolist() == [s7, s8, st.scratch, st.scratch]
     assert st.row_write.tolist() == [s7, st.scratch, st.scratch, st.scratch]  # 8: not its last prompt chunk
+    assert st.row_fail.tolist() == [0, 0, 0, 0]
     m.prepare([(8, True)], [7])
     assert st.row_read.tolist()[:2] == [s8, s7] and st.row_write.tolist()[:2] == [s8, s7]
     assert m.slot_of(8) == s8  # a request keeps its slot across chunks
     m.check_rows([8, 7, -1])   # padding dummies are not checked
     with pytest.raises(RuntimeError, match="batch order"):
         m.check_rows([7, 8])
-    with pytest.raises(KeyError, match="no slot"):
-        m.prepare([], [99])
     # resource-manager protocol (what the executor calls), with its request objects faked
     m.prepare_resources(SimpleNamespace(context_requests=[SimpleNamespace(py_request_id=9, is_last_context_chunk=True)],
                                         generation_requests=[SimpleNamespace(py_request_id=7)]))
     assert m.n_live == 3 and m.get_needed_resource_to_completion(SimpleNamespace(py_request_id=10)) == 1
-    with pytest.raises(SlotsExhausted):
-        m.prepare([(10, True)], [])
     m.free_resources(SimpleNamespace(py_request_id=7))
     m.free_resources(SimpleNamespace(py_request_id=7))  # finish then cancel: freed once
     m.prepare([(10, True)], [])
-    assert m.slot_of(10) == s7 and m.n_live == 3 and m.get_max_resource_count() == 3
-    with pytest.raises(ValueError, match="row slots"):
-        m.prepare([(i, True) for i in range(5)], [])
+    assert m.slot_of(10) == s7 and m.n_live == 3 and m.n_free == 0 and m.get_max_resource_count() == 3
+
+
+def test_an_unservable_request_fails_alone():
+    """prepare_resources runs outside the executor's per-step error handling: a request without a slot
+    (none free, or a generation step whose prompt never ran here) is failed -- flagged on its row, on
+    the scratch slot -- and nothing is raised; the other rows keep their slots."""
+    m = _manager(n_slots=2)
+    st = m.state
+    assert m.prepare([(1, True), (2, True), (3, True)], []) == [3]        # no slot left for 3
+    s1, s2 = m.slot_of(1), m.slot_of(2)
+    assert st.row_read.tolist()[:3] == [s1, s2, st.scratch] and st.row_write.tolist()[:3] == [s1, s2, st.scratch]
+    assert st.row_fail.tolist() == [0, 0, 1, 0] and "SlotsExhausted" in m.failed[3]
+    assert m.prepare([], [1, 99, 3, 2]) == [99, 3]                        # 99: never prefilled; 3 stays failed
+    assert st.row_read.tolist() == [s1, st.scratch, st.scratch, s2] and st.row_fail.tolist() == [0, 1, 1, 0]
+    assert "NoSlot" in m.failed[99] and m.n_live == 2
+    m.check_rows([1, 99, 3, 2])
+    with pytest.raises(RuntimeError, match="batch order"):
+        m.check_rows([99, 1, 3, 2])
+    for rid in (3, 99, 1):                                               # the executor frees finished requests
+        m.free(rid)
+    assert m.failed == {} and m.prepare([(4, True)], [2]) == [] and m.slot_of(4) == s1
+    assert m.prepare([(i, True) for i in range(10, 16)], []) == list(range(10, 16))  # past the 4 table rows too
+    assert st.row_fail.tolist() == [1, 1, 1, 1]
+
+
+def test_shutdown_returns_every_slot():
+    m = _manager(n_slots=2)
+    m.prepare([(1, True), (2, True), (3, True)], [])
+    assert m.n_free == 0 and m.failed
+    m.shutdown()
+    assert m.n_live == 0 and m.n_free == 2 and not m.failed
+    assert m.prepare([(5, True), (6, True)], []) == []  # both slots are usable again
 
 
 def test_commit_and_start_semantics():
@@ -123,6 +151,31 @@ def test_aborted_request_frees_its_slot(tiny):
     ex.run()
     ref = generate(tiny.model, p, 5, sp).frames
     assert r2.tokens == ref[0].tolist()
+
+
+def test_failed_requests_end_alone_and_the_rest_match_the_reference(tiny):
+    """Driven like the executor: a request that finds no free slot, and one whose slot vanished
+    mid-generation, each end on that step with <|im_end|> and a FAILED_CODE frame; the executor keeps
+    stepping and every other request still produces the reference frames."""
+    max_frames, prompts = 6, sample_prompts(tiny)
+    kw = dict(max_tokens=max_frames, end_id=tiny.config.eos_id, top_k=1, additional_model_outputs=[CODES_OUTPUT])
+    ex = FakeExecutor(tiny.model, max_batch=3, max_num_tokens=512, n_slots=2)
+    reqs = [ex.add(request_inputs(p, sp, seed_to_key(sp.seed)), fake_sampling_params(**kw))
+            for p, sp in zip(prompts, SAMPLE_PARAMS)]
+    ex.step()  # all three prompts in one forward: the third finds no slot
+    ex.step()
+    ex.manager.free(reqs[1].py_request_id)  # its slot vanishes behind the executor's back
+    ex.run()
+    for r in reqs[1:]:
+        assert r.finish_reason == "stop" and r.tokens[-1] == tiny.config.eos_id
+        assert failed_frames(r.codes[-1]).all() and (r.codes[-1] == FAILED_CODE).all()
+        assert not failed_frames(torch.cat(r.codes[:-1])).any() if len(r.codes) > 1 else True
+    assert len(reqs[2].tokens) == 1 and len(reqs[1].tokens) == 3
+    ref = generate(tiny.model, prompts[0], max_frames, SAMPLE_PARAMS[0]).frames
+    frames = torch.cat([torch.tensor(reqs[0].tokens)[None], torch.cat(reqs[0].codes).T.long()])
+    assert torch.equal(frames, ref)
+    ex.step()
+    assert ex.manager.n_live == 0 and not ex.manager.failed and ex.manager.n_free == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA-graph replay of the frame step)")

@@ -8,6 +8,10 @@ model leaves one finite logit); stop on ``end_id`` or ``max_tokens``; additional
 accumulated per request. The transformer is fish_s2's own SlowAR layers with one KV row per
 request instead of TensorRT-LLM's paged attention. Everything else -- the input processor, the
 slot manager, the embedding combine, the frame step, forced logits -- is the package's code.
+
+Below the executor: stand-ins for the tensorrt_llm modules that ``fish_s2.trtllm.model.register()``
+imports and for the loader's meta-device initialization, so the TensorRT-LLM model classes are
+built, loaded and post-processed on the CPU the way TensorRT-LLM's loader does it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fish_s2.layers import position_mask
 from fish_s2.prompt import PromptBuilder, Reference
@@ -58,6 +64,7 @@ class FakeRequest:
     is_last_context_chunk: bool = False
     tokens: list[int] = field(default_factory=list)
     codes: list[torch.Tensor] = field(default_factory=list)
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # requested additional outputs, per step
     finish_reason: str | None = None
     aborted: bool = False
 
@@ -66,11 +73,11 @@ class FakeExecutor:
     """Steps the Dual-AR model like the PyTorch backend's executor loop (one ``step()`` = one forward)."""
 
     def __init__(self, model, max_batch: int = 4, max_num_tokens: int = 64, chunk: int | None = None,
-                 graph_sizes=(1, 2, 4), max_len: int = 512):
+                 graph_sizes=(1, 2, 4), max_len: int = 512, n_slots: int | None = None):
         cfg = model.cfg
         self.cfg, self.max_num_tokens, self.chunk, self.graph_sizes = cfg, max_num_tokens, chunk, graph_sizes
         self.max_rows = max(max_batch, *graph_sizes)
-        self.manager = SlotManager(SlotState(2 * max_batch, self.max_rows, cfg.num_codebooks))
+        self.manager = SlotManager(SlotState(n_slots or 2 * max_batch, self.max_rows, cfg.num_codebooks))
         self.step_ = DualARStep(DualARView(cfg, model.slow, model.fast), self.manager, cfg.vocab_size)
         self.transformer = CpuTransformer(model.slow, 2 * max_batch + 1, max_len)
         self.dummy_row = 2 * max_batch  # KV row of padding dummies
@@ -84,7 +91,8 @@ class FakeExecutor:
         ids, extra = self.processor(inputs, sampling_params)
         assert sampling_params.top_k == 1 and CODES_OUTPUT in sampling_params.additional_model_outputs
         req = FakeRequest(self._next_id, ids, extra["multimodal_data"][MM_KEY], sampling_params.max_tokens,
-                          sampling_params.end_id, self._free_rows.pop())
+                          sampling_params.end_id, self._free_rows.pop(),
+                          outputs={name: [] for name in sampling_params.additional_model_outputs})
         self._next_id += 1
         self.requests[req.py_request_id] = req
         return req
@@ -118,6 +126,7 @@ class FakeExecutor:
             return touched
         # decode-only batches run as CUDA graphs padded to a captured size with dummy requests
         n_pad = 0 if ctx else next(s for s in self.graph_sizes if s >= len(gen)) - len(gen)
+        # as in PyExecutor._executor_loop_overlap: outside the per-step error handling, so it must not raise
         self.manager.prepare_resources(SimpleNamespace(context_requests=ctx, generation_requests=gen))
         dummies = [SimpleNamespace(py_request_id=-1 - i) for i in range(n_pad)]
         self.manager.check_rows([r.py_request_id for r in ctx + gen + dummies])
@@ -150,6 +159,8 @@ class FakeExecutor:
                     continue
             r.tokens.append(int(sampled[row]))
             r.codes.append(out[CODES_OUTPUT][row][None].clone())  # [beam=1, num_codebooks]
+            for name, rows in r.outputs.items():
+                rows.append(out[name][row][None].clone())
             if r.tokens[-1] == r.end_id:
                 r.finish_reason = "stop"
             elif len(r.tokens) >= r.max_tokens:
@@ -266,3 +277,152 @@ def sample_prompts(ck):
 
 SAMPLE_PARAMS = [SamplingParams(temperature=0.8, top_p=0.8, seed=1), SamplingParams(temperature=0.0, seed=0),
                  SamplingParams(temperature=1.0, top_p=0.95, top_k=20, seed=7)]
+
+
+# ---------------------------------------------------------------------------- tensorrt_llm module stand-ins
+# What fish_s2.trtllm.model.register() imports, with the constructor signatures it calls as TensorRT-LLM
+# 1.2 declares them (keyword-only where TensorRT-LLM's are; see /work/shared/spec/trtllm-pytorch-backend.md),
+# so a wrong keyword fails here as it would there. They build parameters with torch.empty like the real
+# modules (so the meta-init stand-in below puts them on the meta device) and compute nothing.
+
+
+class FakeMetaInitMode(TorchDispatchMode):
+    """TensorRT-LLM's MetaInitMode as of 1.2 (modeling_utils.py): ``empty``/``empty_like`` allocate on the
+    meta device; any other op touching a meta tensor, except the random initializers, raises (the loader
+    then falls back to a slow regular init on the host)."""
+
+    aten = torch.ops.aten
+    init_ops = {aten.empty.memory_format, aten.empty_like.default}
+    random_init_ops = {aten.normal_.default, aten.uniform_.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.init_ops:
+            return func(*args, **{**kwargs, "device": torch.device("meta")})
+        leaves = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if func not in self.random_init_ops and any(t.is_meta for t in leaves):
+            raise RuntimeError(f"MetaInitException: meta tensor used in unsupported function {func}")
+        return func(*args, **kwargs)
+
+
+def materialize(module) -> None:
+    """The loader's step after meta init: every meta tensor becomes an uninitialized one on the real
+    device (NaN here, so a buffer nobody recomputed shows)."""
+    module._apply(lambda t: torch.full(t.shape, float("nan"), dtype=t.dtype) if t.is_meta and t.is_floating_point()
+                  else torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t)
+
+
+def fake_tensorrt_llm_modules() -> dict:
+    """sys.modules entries standing in for the tensorrt_llm modules register() imports."""
+    import enum
+    from types import ModuleType
+
+    from torch import nn
+
+    def empty(*shape, dtype=None):
+        return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+    class DecoderModel(nn.Module):
+        def __init__(self, model_config):
+            super().__init__()
+            self.model_config = model_config
+            self.dtype = model_config.pretrained_config.torch_dtype
+
+    class DecoderModelForCausalLM(nn.Module):
+        def __init__(self, model, *, config, hidden_size: int, vocab_size: int):
+            super().__init__()
+            self.model_config, self.model = config, model
+            self.fake_loaded, self.fake_post_load_calls = {}, 0
+            self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False)
+            if config.pretrained_config.tie_word_embeddings:
+                self.lm_head.weight = model.embed_tokens.weight
+
+        def load_weights(self, weights: dict, weight_mapper=None, skip_modules: list = []):  # noqa: B006
+            self.fake_loaded = {"names": sorted(weights), "skip_modules": list(skip_modules)}
+
+        def post_load_weights(self):
+            self.fake_post_load_calls += 1
+
+    registry: dict = {}
+
+    def register_auto_model(name: str):
+        def deco(cls):
+            registry[name] = cls
+            return cls
+        return deco
+
+    class DecoderLayer(nn.Module):
+        pass
+
+    class TensorParallelMode(enum.Enum):
+        COLUMN = 0
+        ROW = 1
+
+    class Embedding(nn.Module):
+        def __init__(self, num_embeddings, embedding_dim, dtype=None, mapping=None, tensor_parallel_mode=None,
+                     gather_output=False):
+            super().__init__()
+            self.weight = empty(num_embeddings, embedding_dim, dtype=dtype)
+
+    class GatedMLP(nn.Module):
+        def __init__(self, *, hidden_size, intermediate_size, bias, activation=None, dtype=None, config=None,
+                     layer_idx=None):
+            super().__init__()
+            self.gate_up_proj = empty(2 * intermediate_size, hidden_size, dtype=dtype)
+            self.down_proj = empty(hidden_size, intermediate_size, dtype=dtype)
+
+    class RMSNorm(nn.Module):
+        def __init__(self, *, hidden_size, eps, dtype=None):
+            super().__init__()
+            self.weight = empty(hidden_size, dtype=dtype)
+
+    class QKNormRoPEAttention(nn.Module):
+        def __init__(self, *, hidden_size, num_attention_heads, num_key_value_heads, max_position_embeddings, bias,
+                     pos_embd_params=None, skip_rope=False, fuse_qk_norm_rope=True, layer_idx=None, dtype=None,
+                     dense_bias=None, config, q_scaling=1.0, disable_deep_gemm=False, use_gemma_rms_norm=False,
+                     attn_output_gate=None, is_qk_norm=True, reduce_output=True, rope_fusion=True):
+            super().__init__()
+            c = config.pretrained_config
+            self.num_heads, self.num_key_value_heads, self.head_dim = num_attention_heads, num_key_value_heads, c.head_dim
+            self.qkv_proj = empty((num_attention_heads + 2 * num_key_value_heads) * c.head_dim, hidden_size, dtype=dtype)
+            self.o_proj = empty(hidden_size, num_attention_heads * c.head_dim, dtype=dtype)
+
+    @dataclass
+    class MultimodalPlaceholderMetadata:
+        placeholder_map: dict | None = None
+
+    processors: dict = {}
+
+    def register_input_processor(processor_cls, model_type: str, placeholder_metadata=None):
+        if placeholder_metadata is None:
+            raise ValueError("placeholder_metadata is required")
+
+        def deco(cls):
+            processors[model_type] = processor_cls
+            return cls
+        return deco
+
+    def module(name, **attrs):
+        m = ModuleType(name)
+        m.__dict__.update(attrs)
+        return m
+
+    mods = {
+        "tensorrt_llm._torch.models.modeling_utils": module(
+            "modeling_utils", DecoderModel=DecoderModel, DecoderModelForCausalLM=DecoderModelForCausalLM,
+            register_auto_model=register_auto_model, MODEL_CLASS_MAPPING=registry),
+        "tensorrt_llm._torch.modules.decoder_layer": module("decoder_layer", DecoderLayer=DecoderLayer),
+        "tensorrt_llm._torch.modules.embedding": module("embedding", Embedding=Embedding),
+        "tensorrt_llm._torch.modules.gated_mlp": module("gated_mlp", GatedMLP=GatedMLP),
+        "tensorrt_llm._torch.modules.linear": module("linear", TensorParallelMode=TensorParallelMode),
+        "tensorrt_llm._torch.modules.qk_norm_attention": module("qk_norm_attention",
+                                                                QKNormRoPEAttention=QKNormRoPEAttention),
+        "tensorrt_llm._torch.modules.rms_norm": module("rms_norm", RMSNorm=RMSNorm),
+        "tensorrt_llm.inputs.registry": module("registry", MultimodalPlaceholderMetadata=MultimodalPlaceholderMetadata,
+                                               register_input_processor=register_input_processor,
+                                               PROCESSORS=processors),
+    }
+    for parent in ("tensorrt_llm", "tensorrt_llm._torch", "tensorrt_llm._torch.models", "tensorrt_llm._torch.modules",
+                   "tensorrt_llm.inputs"):
+        mods[parent] = module(parent)
+    return mods

@@ -10,18 +10,27 @@ from ..config import DualARConfig
 from ..request import ChunkPlan, EngineRequest, InvalidArgument
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # scheduling and limits
-    max_active: int = 16                 # requests decoded together (= KV slots)
+    # max_active and max_frames may be None in serving.yaml: derived from the memory plan, see
+    # fish_s2.serving.config; an engine is always built with numbers
+    max_active: int | None = 16          # requests decoded together (= KV slots)
     max_queued: int = 64                 # waiting for a slot; beyond max_active + max_queued in flight: Busy
     max_prompt_tokens: int = 2048
-    max_frames: int = 1024               # per request (1024 frames = 47.6 s)
+    max_frames: int | None = 1024        # per request (1024 frames = 47.6 s)
     chunk_plan: ChunkPlan = ChunkPlan()  # the default plan of a request that names none
     cancel_check_ms: int = 20            # how often each request's is_cancelled is asked (0: every step)
     # the torch runner
     prefix_cache_bytes: int = 256 << 20
     cuda_graphs: bool = True             # CUDA only
+    compile: str = "auto"                # torch.compile the decode step, inside the CUDA graphs: auto (on CUDA
+                                         # only), on, off
+    sample_k_max: int = 64               # compiled/graphed steps sample among this many candidates when every
+                                         # top_k fits (else a full-sort variant); 0: always sort
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     min_kv_bucket: int = 256
 
@@ -34,11 +43,17 @@ class EngineConfig:
         return self.max_active + self.max_queued
 
     def validate(self, model_max_seq_len: int) -> "EngineConfig":
+        for name in ("max_active", "max_frames"):
+            if getattr(self, name) is None:
+                raise ValueError(f"engine.{name}: null (derived) must be resolved by the memory plan before an "
+                                 "engine is built (fish_s2.serving.runtime.start_dual_ar does)")
         for name in ("max_active", "max_queued", "max_prompt_tokens", "max_frames", "min_kv_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.cancel_check_ms < 0 or self.prefix_cache_bytes < 0:
-            raise ValueError("engine.cancel_check_ms and engine.prefix_cache_bytes: must be >= 0")
+        if self.cancel_check_ms < 0 or self.prefix_cache_bytes < 0 or self.sample_k_max < 0:
+            raise ValueError("engine.cancel_check_ms, engine.prefix_cache_bytes and engine.sample_k_max: must be >= 0")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"engine.compile: expected one of {list(COMPILE_MODES)}, got {self.compile!r}")
         if not self.graph_batch_sizes or min(self.graph_batch_sizes) < 1:
             raise ValueError("engine.graph_batch_sizes: must be a non-empty list of sizes >= 1")
         if self.max_seq_len > model_max_seq_len:

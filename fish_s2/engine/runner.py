@@ -4,12 +4,18 @@ batched decode step and its CUDA graphs.
 Rows are KV slots. Active requests always occupy rows 0..n-1, so a step reads the cache through
 views; when a request leaves, the last row moves into its place (:meth:`TorchRunner.release`). The
 runner owns its KV caches (the model module holds none), so two users of one model never share
-them. On CUDA the decode step runs as a CUDA graph per (batch bucket, KV-length bucket), and a new
-request's first frame as one graph made in a scratch row, captured on first use from static buffers.
+them. On CUDA the decode step runs as a CUDA graph per (batch bucket, KV-length bucket, sampling
+bucket), and a new request's first frame as one graph made in a scratch row, captured on first use
+from static buffers. In graphs a step samples among ``sample_k_max`` candidates when every active top_k
+fits, else it uses a full-sort variant. With ``compile`` the step body is compiled by torch.compile
+(inductor, one static graph per bucket) and that compiled code is what the CUDA graphs capture (on the
+CPU it runs directly); the full-sort variant stays eager.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -21,9 +27,24 @@ from ..request import EngineRequest
 from ..sampling import BatchSampling, empty_window, seed_to_key
 from .config import EngineConfig
 
+log = logging.getLogger(__name__)
+
 
 def _bucket(n: int, sizes) -> int:
     return next(s for s in sizes if s >= n)
+
+
+def k_bucket(top_ks: list[int], k_max: int) -> int | None:
+    """The candidate bound a bucketed step samples with: ``k_max`` when every top_k fits in it (the same
+    samples as a full sort), else None (full sort)."""
+    return k_max if k_max and max(top_ks) <= k_max else None
+
+
+def compile_step(fn: Callable) -> Callable:
+    """torch.compile as the runner uses it: inductor (default mode: plain kernels that our own CUDA
+    graphs capture; never reduce-overhead), the whole body as one graph, static shapes (each bucket
+    compiles once), eager's bf16 rounding points kept (RMSNorm casts before the weight multiply)."""
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
 
 
 class TorchRunner:
@@ -49,8 +70,22 @@ class TorchRunner:
         self.prefix_cache = PrefixCache(cfg.prefix_cache_bytes)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.graph_sizes = tuple(s for s in cfg.graph_batch_sizes if s < B) + (B,)
-        self._graphs: dict[object, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.kv_buckets = self._kv_buckets(cfg.max_seq_len)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_pool = None
+        self.build_s: dict[tuple, float] = {}   # bucket -> seconds its compile and/or capture took
+        if cfg.compile == "on" and fast_ar is not None:
+            raise ValueError("engine.compile: 'on' needs the torch fast AR (another runtime cannot be compiled)")
+        self.compiled = fast_ar is None and (cfg.compile == "on" or
+                                             (cfg.compile == "auto" and self.device.type == "cuda"))
+        self._step_fn, self._first_fn = self._step_body, self._first_frame_body
+        if self.compiled:
+            model.fuse_weights()
+            limit = len(self.graph_sizes) * len(self.kv_buckets) + 64  # one compile per (batch, KV) bucket
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
+            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+            self._step_fn, self._first_fn = compile_step(self._step_body), compile_step(self._first_frame_body)
 
     @property
     def n_active(self) -> int:
@@ -59,13 +94,14 @@ class TorchRunner:
     # ------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def admit(self, req: EngineRequest) -> Tensor:
-        """Prefill a request into the next free row; returns its first frame [num_codebooks + 1] (host)."""
+    def admit(self, req: EngineRequest, key: int | None = None) -> Tensor:
+        """Prefill a request into the next free row; returns its first frame [num_codebooks + 1] (host).
+        ``key``: its noise key, if not the one of its seed (replaying a recorded noise stream)."""
         r, p = self.n_active, req.params
         self.positions.append(0)
         self.top_ks.append(p.top_k_used)
         self.temperature[r], self.top_p[r] = p.temperature, p.top_p
-        self.top_k[r], self.key[r] = p.top_k_used, seed_to_key(p.seed)
+        self.top_k[r], self.key[r] = p.top_k_used, seed_to_key(p.seed) if key is None else key
         self.window[r:r + 1] = empty_window(1, self.device)
         self.frame_idx[r] = 0
         try:
@@ -104,13 +140,9 @@ class TorchRunner:
             buf[s] = buf[r]
         self.frame_idx[s] = 0
         self.scratch_hidden.copy_(hidden)
-        if not self.use_graphs:
+        if not (self.use_graphs or self.compiled):
             return self._first_frame_body(self.top_ks[r])
-        if "first" not in self._graphs:
-            self._capture("first", self._first_frame_body)
-        graph, out = self._graphs["first"]
-        graph.replay()
-        return out
+        return self._run(("first", k_bucket(self.top_ks[r:r + 1], self.cfg.sample_k_max)))
 
     def _first_frame_body(self, k_max: int | None = None) -> Tensor:
         sl = slice(self.cfg.max_active, self.cfg.max_active + 1)
@@ -118,8 +150,8 @@ class TorchRunner:
                             self.audio_ids, self.fast_cache, sl, fast_ar=self.fast_ar)[0]
 
     def _sampling(self, sl: slice, k_max: int | None) -> BatchSampling:
-        """Sampling state of a row range. Without graphs the host knows the largest top_k, which lets
-        sampling skip sorting whole rows; a graph must not bake it in (k_max None)."""
+        """Sampling state of a row range; ``k_max`` (a host-known bound on every row's top_k, part of a
+        graph's key) samples among that many candidates instead of sorting whole rows."""
         return BatchSampling(self.temperature[sl], self.top_p[sl], self.top_k[sl], self.key[sl], k_max)
 
     # ------------------------------------------------------------------ decode
@@ -144,43 +176,77 @@ class TorchRunner:
         return decode_frame(self.model, hidden, self._sampling(sl, k_max), self.frame_idx[sl], self.window[sl],
                             self.audio_ids, self.fast_cache, sl, fast_ar=self.fast_ar)
 
-    def _decode(self, n: int) -> Tensor:
-        kv_len = max(self.positions) + 1
-        if not self.use_graphs:
-            return self._step_body(n, kv_len, max(self.top_ks))
-        nb = _bucket(n, self.graph_sizes)
-        kb = min(self.cfg.max_seq_len, max(self.cfg.min_kv_bucket, 1 << (kv_len - 1).bit_length()))
-        if (nb, kb) not in self._graphs:
-            self._capture_step(nb, kb)
-        graph, out = self._graphs[(nb, kb)]
-        graph.replay()
-        return out[:n]
-
-    def capture_graphs(self, max_batch: int, max_kv: int) -> int:
-        """Capture the decode graphs for every bucket up to (max_batch, max_kv) now, so that no request
-        pays for a capture later (call when idle, e.g. at server start). Returns the number captured."""
-        if not self.use_graphs:
-            return 0
+    def _kv_buckets(self, max_kv: int) -> list[int]:
+        """KV-length buckets: min_kv_bucket, doubling, up to the bucket holding max_kv (cut at max_seq_len)."""
         kvs, kb = [], self.cfg.min_kv_bucket
         while True:
             kvs.append(min(kb, self.cfg.max_seq_len))
             if kb >= min(max_kv, self.cfg.max_seq_len):
-                break
+                return kvs
             kb *= 2
+
+    def step_key(self, n: int) -> tuple[int, int, int | None]:
+        """The bucket a step of the n active rows runs in: (rows, KV length read, sampling candidates)."""
+        kv_len = max(self.positions) + 1
+        return (_bucket(n, self.graph_sizes), next(k for k in self.kv_buckets if k >= kv_len),
+                k_bucket(self.top_ks, self.cfg.sample_k_max))
+
+    def _decode(self, n: int) -> Tensor:
+        if not (self.use_graphs or self.compiled):
+            return self._step_body(n, max(self.positions) + 1, max(self.top_ks))
+        return self._run(self.step_key(n))[:n]   # padding rows: free slots at position 0 (see release)
+
+    def _body(self, key: tuple) -> Callable[[], Tensor]:
+        """A bucket's function: compiled when compiling, except the rare full-sort fallback (eager in its
+        graph: no compile for it at startup, none when a large top_k first arrives)."""
+        first = key[0] == "first"
+        if key[-1] is None:
+            return (lambda: self._first_frame_body(None)) if first else (lambda: self._step_body(*key))
+        return (lambda: self._first_fn(key[1])) if first else (lambda: self._step_fn(*key))
+
+    def _run(self, key: tuple) -> Tensor:
+        """Run a bucket: its graph's replay, or on the CPU its (compiled) function."""
+        if key not in self.build_s:
+            self._build(key)
+        if not self.use_graphs:
+            return self._body(key)()
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    def _build(self, key: tuple) -> None:
+        """A bucket's first use: compile it (with compile) and capture its graph (with graphs) now; the
+        time that took is kept in ``build_s``."""
+        t = time.perf_counter()
+        if key[0] != "first":
+            self.pos[self.n_active:key[0]] = 0  # padding rows: free slots, write KV at their position 0 only
+        if self.use_graphs:
+            self._capture(key, self._body(key))
+        else:
+            self._body(key)()   # compiles; running a body once more is harmless (see _capture)
+        self.build_s[key] = time.perf_counter() - t
+        log.info("decode bucket %s ready in %.1f s (%s)", key, self.build_s[key],
+                 "+".join(w for w, on in (("compiled", self.compiled and key[-1] is not None),
+                                          ("graph", self.use_graphs)) if on) or "eager")
+
+    def capture_graphs(self, max_batch: int, max_kv: int, top_ks: tuple[int, ...] = (1, 1 << 30)) -> int:
+        """Capture (and, with compile, compile) the decode graphs for every bucket up to (max_batch, max_kv)
+        and the sampling buckets of ``top_ks`` now, so that no request pays for them later (call when
+        idle, e.g. at server start). Returns the number of graphs."""
+        if not self.use_graphs:
+            return 0
+        ks = dict.fromkeys(k_bucket([k], self.cfg.sample_k_max) for k in top_ks)
+        top = _bucket(min(max_batch, self.cfg.max_active), self.graph_sizes)
+        keys = [("first", k) for k in ks] + [  # largest first: smaller graphs reuse its pool
+            (nb, kv, k) for nb in reversed([s for s in self.graph_sizes if s <= top])
+            for kv in reversed(self._kv_buckets(max_kv)) for k in ks]
         with torch.inference_mode():
-            if "first" not in self._graphs:
-                self._capture("first", self._first_frame_body)
-            for nb in (s for s in self.graph_sizes if s <= _bucket(min(max_batch, self.cfg.max_active), self.graph_sizes)):
-                for kv in kvs:
-                    if (nb, kv) not in self._graphs:
-                        self._capture_step(nb, kv)
+            for key in keys:
+                if key not in self.build_s:
+                    self._build(key)
         return len(self._graphs)
 
-    def _capture_step(self, nb: int, kb: int) -> None:
-        self.pos[self.n_active:nb] = 0  # padding rows: free slots, write KV at their position 0 only
-        self._capture((nb, kb), lambda: self._step_body(nb, kb))
-
-    def _capture(self, key: object, body: Callable[[], Tensor]) -> None:
+    def _capture(self, key: tuple, body: Callable[[], Tensor]) -> None:
         """Warm up on a side stream, then capture ``body`` into a graph sharing one memory pool.
 
         Running a body more than once is harmless: active rows rewrite the same KV entries and the

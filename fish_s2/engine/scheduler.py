@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from ..config import DualARConfig
 from ..dual_ar import DualAR, FastARRuntime
-from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestError, RequestHandle
+from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestError, RequestHandle, Unavailable
 from .config import EngineConfig, check_request
 from .runner import TorchRunner
 
@@ -69,7 +69,7 @@ class Engine:
             if self._thread.is_alive():
                 log.warning("engine loop did not stop within %.1f s; ending its requests", timeout)
             self._thread = None
-        self.lifecycle.finish_all("cancelled")
+        self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down; retry on another server"))
 
     def stats(self) -> dict:
         return {"active": len(self.rows), "queued": len(self._queue),

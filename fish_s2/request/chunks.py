@@ -1,4 +1,5 @@
-"""Cutting a request's frames into code chunks by its :class:`ChunkPlan` (numpy, torch-free).
+"""Cutting a request's frames into code chunks by its :class:`ChunkPlan`, and the playback gap a
+listener hears when chunks arrive late (numpy, torch-free).
 
 Every chunk after the first carries up to ``context_frames`` earlier frames as left context: the
 codec is causal, so decoding context + new frames and dropping the context's samples approximates
@@ -35,7 +36,7 @@ class Chunker:
         self.index = 0
 
     def _target(self) -> int:
-        return self.plan.first_chunk_frames if self.index == 0 else self.plan.chunk_frames
+        return self.plan.frames(self.index)
 
     def _emit(self) -> CodeChunk:
         context = min(self.plan.context_frames, len(self.frames) - self.pending)
@@ -55,6 +56,32 @@ class Chunker:
     def flush(self) -> CodeChunk | None:
         """The last chunk (pending frames, possibly none) at the end of the stream."""
         return self._emit() if self.pending else None
+
+
+class Player:
+    """A real-time player that starts at the first chunk's arrival and plays chunks back to back: when
+    the audio it has runs out before the next chunk arrives, it waits (a playback gap)."""
+
+    def __init__(self):
+        self.end: float | None = None   # when the audio received so far will have played out
+        self.gap = 0.0                  # total wait so far
+
+    def add(self, arrival: float, seconds: float) -> float:
+        """A chunk of ``seconds`` of audio arriving at ``arrival`` (any clock, in order); returns the
+        player's wait for it (0 for the first chunk and every chunk in time)."""
+        wait = 0.0 if self.end is None else max(0.0, arrival - self.end)
+        self.end = (arrival if self.end is None else max(arrival, self.end)) + seconds
+        self.gap += wait
+        return wait
+
+
+def playback_gap(chunks) -> float:
+    """How long a real-time player that starts at the first chunk waits, summed over the stream:
+    ``chunks`` are (arrival time, audio seconds) in arrival order."""
+    player = Player()
+    for arrival, seconds in chunks:
+        player.add(arrival, seconds)
+    return player.gap
 
 
 def chunks_to_codes(chunks: list[CodeChunk]) -> np.ndarray:

@@ -4,7 +4,9 @@ A request that does not complete normally ends with one of these. Every layer ma
 never by message text: Triton's model error codes (``pb_utils.TritonError``), gRPC status codes and
 HTTP statuses come from the class. Over a Triton stream the error's class also travels in its
 message as a tag (``[fish-s2:BUSY]``), because a streamed error response has a message and no code;
-:func:`from_wire` reads it back on the client.
+:func:`from_wire` reads it back on the client. (Triton's ``triton_grpc_error`` header would close the
+stream with a gRPC status instead, but on 2.51 a client that cancels such a stream after its error
+crashes the server's gRPC frontend (measured), so this package never asks for it.)
 """
 
 from __future__ import annotations
@@ -25,27 +27,31 @@ class RequestError(Exception):
         super().__init__(f"{field}: {message}" if field else message)
 
 
-class InvalidArgument(RequestError, ValueError):
-    """The request can never be served as given; ``field`` names the input at fault."""
+class FieldError(RequestError):
+    """An error about one input of the request, which ``field`` names."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message, field)
+
+
+class InvalidArgument(FieldError, ValueError):
+    """The request can never be served as given."""
 
     status, triton, grpc, http = "INVALID_ARGUMENT", "INVALID_ARG", "INVALID_ARGUMENT", 400
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
-
-class NotFound(RequestError):
+class NotFound(FieldError):
     status, triton, grpc, http = "NOT_FOUND", "NOT_FOUND", "NOT_FOUND", 404
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
 
-
-class AlreadyExists(RequestError):
+class AlreadyExists(FieldError):
     status, triton, grpc, http = "ALREADY_EXISTS", "ALREADY_EXISTS", "ALREADY_EXISTS", 409
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message, field)
+
+class PermissionDenied(FieldError):
+    """A protected action (voice register/delete) without the right key."""
+
+    status, triton, grpc, http = "PERMISSION_DENIED", "INVALID_ARG", "PERMISSION_DENIED", 403
 
 
 class Unavailable(RequestError):
@@ -71,20 +77,33 @@ class Internal(RequestError):
 
 
 ERRORS: dict[str, type[RequestError]] = {
-    c.status: c for c in (InvalidArgument, NotFound, AlreadyExists, Unavailable, Busy, Cancelled, Internal)}
+    c.status: c for c in (InvalidArgument, NotFound, AlreadyExists, PermissionDenied, Unavailable, Busy, Cancelled,
+                          Internal)}
 _TAG = re.compile(r"\s*\[fish-s2:([A-Z_]+)\]\s*$")
 _PREFIX = re.compile(r"^(in ensemble '[^']*', )+")      # what a Triton ensemble puts before a step's error
 # Triton's own untagged refusals while it shuts down (core: InferenceServer::Stop, the schedulers' Enqueue;
 # then, while the models unload, "Request for unknown model: 'tts' has no available versions"): the request
 # never started, so another replica may take it
 _TRITON_STOPPING = re.compile(r"Server is stopping|stopped accepting new inference requests|has no available versions")
+# Triton's own checks of a request (datatype, shape) run before any model and come over a stream as a
+# message of this form, with no code (2.51, measured)
+_TRITON_REQUEST_CHECK = re.compile(r"^\[request id: [^\]]*\] ")
 _GRPC = {"INVALID_ARGUMENT": InvalidArgument, "NOT_FOUND": NotFound, "ALREADY_EXISTS": AlreadyExists,
+         "PERMISSION_DENIED": PermissionDenied,
          "UNAVAILABLE": Unavailable, "RESOURCE_EXHAUSTED": Busy, "CANCELLED": Cancelled}
 
 
 def to_wire(error: RequestError) -> str:
     """The message a server sends for ``error``: its text, then its class as a tag."""
     return f"{error} [fish-s2:{error.status}]"
+
+
+def client_gone(is_cancelled) -> bool:
+    """Ask a client's cancellation check; a check that raises counts as gone (a dead connection)."""
+    try:
+        return bool(is_cancelled())
+    except Exception:
+        return True
 
 
 def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
@@ -99,8 +118,10 @@ def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
         cls, message = ERRORS[tagged.group(1)], message[:tagged.start()]
     elif _TRITON_STOPPING.search(message):
         cls = Unavailable
+    elif grpc_code is None and _TRITON_REQUEST_CHECK.match(message):
+        cls = InvalidArgument
     else:
-        cls = _GRPC.get((grpc_code or "").upper(), Internal)
+        cls = _GRPC.get((grpc_code or "").upper().removeprefix("STATUSCODE."), Internal)
     return rebuild(cls, message)
 
 
@@ -108,7 +129,6 @@ def rebuild(cls: type[RequestError], message: str) -> RequestError:
     """An instance of ``cls`` carrying ``message`` as it was sent."""
     error = cls.__new__(cls)
     field, sep, rest = message.partition(": ")
-    error.field = field if sep and " " not in field and issubclass(cls, (InvalidArgument, NotFound,
-                                                                         AlreadyExists)) else None
+    error.field = field if sep and " " not in field and issubclass(cls, FieldError) else None
     Exception.__init__(error, message)
     return error

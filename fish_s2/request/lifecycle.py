@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .chunks import Chunker
-from .errors import Busy, InvalidArgument, RequestError, Unavailable
+from .errors import Busy, Cancelled, InvalidArgument, RequestError, Unavailable, client_gone
 from .events import ChunkEvent, Event, Finished, RequestHandle
 from .params import ChunkPlan, EngineRequest
 
@@ -117,10 +117,10 @@ class Lifecycle:
         for live in self.lives():
             if live.req.is_cancelled is None or live.cancel_requested:
                 continue
-            try:
-                gone = bool(live.req.is_cancelled())
-            except Exception:
-                gone = True
+            with live.lock:     # never after its Finished (a Triton sender is freed once its FINAL is out)
+                if live.done:
+                    continue
+                gone = client_gone(live.req.is_cancelled)
             if gone:
                 self.cancel(live.request_id)
 
@@ -144,7 +144,10 @@ class Lifecycle:
 
     def finish(self, live: Live, reason: str, error: RequestError | None = None) -> bool:
         """End a request (once: False if it had ended already). "stop" and "length" send the pending
-        frames as a last chunk first."""
+        frames as a last chunk first; "cancelled" carries a Cancelled error unless given another one
+        (a stopped stream must never look complete)."""
+        if reason == "cancelled" and error is None:
+            error = Cancelled("the request was stopped before it ended")
         with live.lock:
             if live.done:
                 return False

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..request import RequestError, to_wire
+from ..request import Internal, RequestError, to_wire
 from .config import ServingConfig
 from .protocol import Getter, TensorSpec
 
@@ -52,8 +52,6 @@ def triton_error(pb_utils, exc: BaseException):
     travels tagged, see :func:`fish_s2.request.to_wire`); anything else is an internal error."""
     if not isinstance(exc, RequestError):
         log.error("internal error", exc_info=exc)
-        from ..request import Internal
-
         exc = Internal(f"internal error: {type(exc).__name__}: {exc}")
     return pb_utils.TritonError(to_wire(exc), getattr(pb_utils.TritonError, exc.triton))
 

@@ -4,6 +4,12 @@ The repository generator writes it next to the models; each model finds it throu
 ``serving_config`` parameter. The engine block is :class:`fish_s2.engine.EngineConfig` itself (for
 either runtime: the TensorRT-LLM engine takes its limits from here too), so its defaults live in one
 place. Unknown keys and wrong types are errors that name the key.
+
+Sizing (:mod:`fish_s2.memory_plan`): ``dtype: auto`` and ``engine.max_active: null`` are decided by
+the memory plan that dual_ar computes when it starts, before it loads a weight (only dual_ar uses
+them). ``engine.max_frames: null`` (frames derived from the memory, for a given ``max_active``) is
+also a request limit that preprocess checks, so the repository generator resolves it and writes the
+number here: every model then reads the same limit.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import memory_plan as mp
 from ..engine.config import EngineConfig
 from ..request import Limits
 from ..typed_settings import build, plain, read_yaml
@@ -31,7 +38,11 @@ class ServingConfig:
     voices_dir: str                          # registered voices (created if missing)
     profile: str = "cpu"
     device: str = "cpu"
-    dtype: str = "float32"                   # slow/fast AR weights
+    dtype: str = "auto"                      # slow/fast AR weights and KV: auto (memory_plan.choose_dtype),
+                                             # float32 or bfloat16
+    kv_memory_fraction: float = mp.DEFAULT_KV_FRACTION   # share of the memory the fixed part leaves that the KV
+                                                         # may take (TensorRT-LLM: free_gpu_memory_fraction)
+    max_slots: int = mp.PlanSettings.max_slots   # cap on a derived engine.max_active
     runtime: str = "torch"
     trtllm_dir: str | None = None            # converted model directory (runtime trtllm)
     trtllm_settings: str | None = None       # LLM-API settings YAML (runtime trtllm); None: the package's
@@ -42,6 +53,8 @@ class ServingConfig:
     codec_encoder_onnx: str | None = None    # reference encoding with ONNX Runtime; None: torch codec
     threads: int = 0                         # intra-op threads of each model process; 0: library default
     max_text_bytes: int = 4096
+    allow_control_tokens: bool = False       # True: control-token strings in request text act as control tokens
+                                             # (trusted callers only); False: they are plain text
     max_reference_seconds: float = 30.0
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -65,16 +78,42 @@ class ServingConfig:
             raise ValueError("fast_ar_runtime: 'onnx' needs runtime 'torch' and fast_ar_onnx (the exported fast AR)")
         if self.codec_runtime != "torch" and not self.codec_decoder_path:
             raise ValueError(f"codec_decoder_path: required with codec_runtime {self.codec_runtime!r}")
-        for name in ("threads", "max_text_bytes"):
+        for name in ("threads", "max_text_bytes", "max_slots"):
             if getattr(self, name) < (0 if name == "threads" else 1):
                 raise ValueError(f"{name}: out of range, got {getattr(self, name)}")
         if not self.max_reference_seconds > 0:
             raise ValueError(f"max_reference_seconds: must be > 0, got {self.max_reference_seconds}")
-        self.limits().check_plan(self.engine.chunk_plan)
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"kv_memory_fraction: must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.dtype != "auto":
+            mp.normalize_dtype(self.dtype)
+        for name in ("max_active", "max_frames"):
+            value = getattr(self.engine, name)
+            if value is not None and value < 1:
+                raise ValueError(f"engine.{name}: must be >= 1, or null to derive it from the memory, got {value}")
+        if self.engine.max_frames is None and self.engine.max_active is None:
+            raise ValueError("engine.max_frames: null (derived from the memory) needs a number for engine.max_active "
+                             "(with engine.max_active derived, give engine.max_frames a number)")
+        if self.engine.max_frames is not None:
+            self.limits().check_plan(self.engine.chunk_plan)
         return self
+
+    def plan_settings(self, codec_batch: int | None = None) -> mp.PlanSettings:
+        """This deployment's memory-plan settings: its profile's, with the values set here (None stays
+        derived); ``codec_batch``: the codec decoder's batch (config.pbtxt), None: the profile's."""
+        e = self.engine
+        return mp.settings_for(self.profile, device=self.device, runtime=self.runtime, dtype=self.dtype,
+                               kv_memory_fraction=self.kv_memory_fraction, max_active=e.max_active,
+                               max_prompt_tokens=e.max_prompt_tokens, max_frames=e.max_frames,
+                               prefix_cache_bytes=e.prefix_cache_bytes, max_slots=self.max_slots,
+                               codec_batch=codec_batch, reference_seconds=self.max_reference_seconds,
+                               codec_chunk_frames=e.chunk_plan.longest_chunk)
 
     def limits(self) -> Limits:
         """What a request may ask of this deployment (checked by preprocess)."""
+        if self.engine.max_frames is None:
+            raise ValueError("engine.max_frames: null (derived) is resolved when the repository is generated "
+                             "(python -m fish_s2.serving.repository); give it a number here")
         return Limits(max_frames=self.engine.max_frames, max_text_bytes=self.max_text_bytes,
                       max_reference_seconds=self.max_reference_seconds, chunk_plan=self.engine.chunk_plan)
 

@@ -71,12 +71,13 @@ def run_serve(args: argparse.Namespace) -> int:
     repo = prepare(Path(args.artifacts), Path(args.checkpoint) if args.checkpoint else None)
     server = TritonServer(repo, Path(args.artifacts) / "triton-run", args.http_port, args.grpc_port,
                           args.metrics_port, args.host, exit_timeout_s=args.exit_timeout_s,
-                          drain_grace_s=args.drain_grace_s)
+                          drain_grace_s=args.drain_grace_s, open_admin=args.open_admin)
     sidecars = []
     if args.openai_port:
         from .openai_api import SpeechProcess
 
-        sidecars.append(SpeechProcess(server.grpc_url, args.host, args.openai_port))
+        sidecars.append(SpeechProcess(server.grpc_url, args.host, args.openai_port,
+                                      env={"FISH_S2_ADMIN_KEY": server.admin_key}))
     return serve_until_interrupted(server, sidecars)
 
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--open-admin", action="store_true",
+                   help="leave Triton's admin protocols open (default: they need the admin key, see README Security)")
     s.add_argument("--openai-port", type=int, default=0,
                    help="also serve the OpenAI-compatible POST /v1/audio/speech on this port (0: off); "
                         "API key from $FISH_S2_API_KEY")

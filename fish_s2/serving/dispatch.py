@@ -3,8 +3,7 @@
 The engine calls a request's sink on its decode thread; the sink only enqueues, and this thread
 does the sending (an IPC round trip per response in the python backend), so decoding never waits
 on a client. Each live request is tracked from submit to its ``Finished`` event and dropped on that
-one path, whatever the reason. ``stop(client_id)`` cancels every live request a Triton request id
-started: the way a client abandons a stream that an ensemble would not cancel for it.
+one path, whatever the reason.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Stream:
-    request_id: str     # the engine's (server-generated)
-    client_id: str      # the Triton request id the client chose ('' if none)
+    request_id: str     # the engine's (server-issued)
     context: Any        # whatever the responder needs (the response sender, echoed values)
 
 
@@ -40,9 +38,9 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, name="fish-s2-responses", daemon=True)
         self._thread.start()
 
-    def submit(self, req: EngineRequest, client_id: str, context: Any) -> Stream:
-        """Hand a request to the engine (RequestError / EngineBusy propagate, nothing is kept)."""
-        stream = Stream(req.request_id, client_id, context)
+    def submit(self, req: EngineRequest, context: Any) -> Stream:
+        """Hand a request to the engine (its typed errors propagate, nothing is kept)."""
+        stream = Stream(req.request_id, context)
         with self._lock:
             self._streams[req.request_id] = stream
         try:
@@ -52,16 +50,6 @@ class Dispatcher:
                 self._streams.pop(req.request_id, None)
             raise
         return stream
-
-    def stop(self, client_id: str) -> int:
-        """Cancel every live request of one Triton request id; how many there were."""
-        if not client_id:
-            return 0
-        with self._lock:
-            ids = [s.request_id for s in self._streams.values() if s.client_id == client_id]
-        for request_id in ids:
-            self.engine.cancel(request_id)
-        return len(ids)
 
     def live(self) -> int:
         with self._lock:

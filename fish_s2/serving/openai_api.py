@@ -9,17 +9,24 @@ given in the ``X-Sample-Rate`` header), ``stream`` (default true: audio is sent 
 is generated; a streamed WAV carries the "unknown length" sizes 0xFFFFFFFF in its header). Fish
 extensions: ``seed``, ``temperature``, ``top_p``, ``top_k``, ``max_frames``. Anything else, or a
 ``speed`` other than 1.0, is a 400 naming the field. With an API key configured, requests need
-``Authorization: Bearer <key>``. Values are range-checked where the request tensors are built
+``Authorization: Bearer <key>`` (on every route, voices included). Values are range-checked where the request tensors are built
 (:func:`fish_s2.serving.protocol.tts_inputs`) and by the server; errors map to HTTP statuses by their
 type (:mod:`fish_s2.request.errors`): 400 invalid, 404 unknown voice, 429 busy, 503 unavailable,
 499 cancelled, 500 internal.
+
+Voices: ``GET /v1/voices`` lists them; ``POST /v1/voices`` with ``voice_id``, ``reference_text`` and
+``reference_audio`` (a base64 audio file: WAV, FLAC, ...) registers one; ``DELETE /v1/voices/{id}``
+deletes one. The endpoint forwards the server's admin key (``$FISH_S2_ADMIN_KEY``) to Triton for
+register and delete.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hmac
+import io
 import json
 import os
 import struct
@@ -30,6 +37,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import soundfile as sf
 from aiohttp import web
 
 from ..client import AsyncTTSClient, AudioChunk
@@ -88,18 +96,37 @@ def parse_request(body: object, model_name: str) -> tuple[str, str, bool, dict]:
     return text, fmt, stream, fields
 
 
-def error_body(e: RequestError) -> tuple[int, dict]:
-    """(HTTP status, OpenAI-style error body) of a typed error; request fields carry this API's names."""
+def parse_voice_body(body: object) -> dict:
+    """A voice registration: voice_id, reference_text and reference_audio (base64 of an audio file)."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("body", "expected a JSON object")
+    unknown = sorted(set(body) - {"voice_id", "reference_text", "reference_audio"})
+    if unknown:
+        raise InvalidArgument(unknown[0], "unsupported field (supported: voice_id, reference_text, reference_audio)")
+    for name in ("voice_id", "reference_text", "reference_audio"):
+        if not isinstance(body.get(name), str):
+            raise InvalidArgument(name, "required, a string")
+    try:
+        data, rate = sf.read(io.BytesIO(base64.b64decode(body["reference_audio"], validate=True)), dtype="float32",
+                             always_2d=True)
+    except (ValueError, RuntimeError, sf.LibsndfileError) as e:
+        raise InvalidArgument("reference_audio", f"not a base64 audio file ({e})") from None
+    return {"voice_id": body["voice_id"], "reference_text": body["reference_text"],
+            "reference_audio": data.mean(axis=1), "reference_sample_rate": rate}
+
+
+def error_body(e: RequestError, names: dict[str, str] = OPENAI_FIELDS) -> tuple[int, dict]:
+    """(HTTP status, OpenAI-style error body) of a typed error; request fields carry the route's names."""
     field, message = e.field, str(e)
-    if field in OPENAI_FIELDS:
-        message = OPENAI_FIELDS[field] + message[len(field):]
-        field = OPENAI_FIELDS[field]
+    if field in names:
+        message = names[field] + message[len(field):]
+        field = names[field]
     kind = "invalid_request_error" if e.http < 500 and e.http != 499 else "server_error"
     return e.http, {"error": {"message": message, "type": kind, "param": field, "code": e.status.lower()}}
 
 
-def _error(e: RequestError) -> web.Response:
-    status, body = error_body(e)
+def _error(e: RequestError, names: dict[str, str] = OPENAI_FIELDS) -> web.Response:
+    status, body = error_body(e, names)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
     return web.json_response(body, status=status, headers=headers)
 
@@ -118,6 +145,9 @@ class SpeechServer:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/v1/audio/speech", self.speech)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/voices", self.list_voices)
+        app.router.add_post("/v1/voices", self.register_voice)
+        app.router.add_delete("/v1/voices/{voice_id}", self.delete_voice)
         app.router.add_get("/health", self.health)
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -144,6 +174,35 @@ class SpeechServer:
             return _unauthorized()
         return web.json_response({"object": "list", "data": [{"id": self.model_name, "object": "model",
                                                               "owned_by": "fish-s2"}]})
+
+    async def list_voices(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        return await self._voices(lambda: self.client.voices("list"))
+
+    async def register_voice(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        try:
+            body = await request.json()
+            fields = parse_voice_body(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(InvalidArgument("body", "not valid JSON"), {})
+        except RequestError as e:
+            return _error(e, {})
+        return await self._voices(lambda: self.client.voices("register", **fields), status=201)
+
+    async def delete_voice(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        return await self._voices(lambda: self.client.voices("delete", voice_id=request.match_info["voice_id"]))
+
+    async def _voices(self, call, status: int = 200) -> web.Response:
+        try:
+            voices = await call()
+        except RequestError as e:
+            return _error(e, {})
+        return web.json_response({"object": "list", "data": voices}, status=status)
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
@@ -189,8 +248,10 @@ class SpeechProcess:
     """The endpoint as a child process beside Triton (``make serve SERVE_ARGS=--openai-port 8080``)."""
 
     def __init__(self, triton_url: str, host: str, port: int, model_name: str = DEFAULT_MODEL,
-                 api_key: str | None = None):
+                 api_key: str | None = None, env: dict[str, str] | None = None):
+        """``env``: extra environment (e.g. ``FISH_S2_ADMIN_KEY``, forwarded to Triton for voice changes)."""
         self.triton_url, self.host, self.port, self.model_name, self.api_key = triton_url, host, port, model_name, api_key
+        self.env = env or {}
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -201,7 +262,7 @@ class SpeechProcess:
         return f"OpenAI speech API {self.url}/v1/audio/speech"
 
     def start(self, timeout_s: float = 60.0) -> "SpeechProcess":
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         if self.api_key:
             env["FISH_S2_API_KEY"] = self.api_key
         self._proc = subprocess.Popen([sys.executable, "-m", "fish_s2.serving.openai_api", "--triton", self.triton_url,

@@ -14,21 +14,23 @@ Torch-free: the client imports it.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..request import ChunkPlan, InvalidArgument, Limits, SamplingParams
+from ..request import ChunkPlan, InvalidArgument, Limits, PermissionDenied, SamplingParams
 from ..request.params import integer
 
-TTS, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
-    "tts", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
+TTS, TTS_PIPELINE, PREPROCESS, DUAL_AR, CODEC_DECODER, POSTPROCESS, VOICES = (
+    "tts", "tts_pipeline", "preprocess", "dual_ar", "codec_decoder", "postprocess", "voices")
 
 SAMPLE_FORMATS = ("float32", "int16")    # index = the code carried in CHUNK_META
 VOICE_ACTIONS = ("register", "list", "delete")
 VOICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")     # server-issued (fish_s2.request.new_request_id), unguessable
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 
 
@@ -74,6 +76,10 @@ TTS_INPUTS = (
     _s("CONTEXT_FRAMES", np.int32, optional=True),
     _s("SAMPLE_FORMAT", np.object_, optional=True),
 )
+# tts (the client-facing entry): a synthesis (TTS_INPUTS, TEXT required) or a stop (STOP and REQUEST_ID alone:
+# the server-issued id that the stream's own responses carry)
+ENTRY_INPUTS = tuple(TensorSpec(s.name, s.dtype, s.dims, True) if s.name == "TEXT" else s for s in TTS_INPUTS) + (
+    _s("STOP", np.bool_, optional=True), _s("REQUEST_ID", np.object_, optional=True))
 TTS_OUTPUTS = (                       # = postprocess outputs; one response per chunk
     _s("AUDIO", np.float32, (-1,)),           # samples of the chunk if SAMPLE_FORMAT is float32, else empty
     _s("AUDIO_INT16", np.int16, (-1,)),       # samples of the chunk if SAMPLE_FORMAT is int16, else empty
@@ -81,6 +87,9 @@ TTS_OUTPUTS = (                       # = postprocess outputs; one response per 
     _s("SAMPLE_RATE", np.int32),
     _s("REQUEST_ID", np.object_),             # server-generated
 )
+
+# ---------------------------------------------------------------- tts_pipeline (ensemble) = what tts relays
+PIPELINE_INPUTS = TTS_INPUTS + (_s("STREAM_ID", np.object_),)   # issued by tts: dual_ar's REQUEST_ID (engine id)
 
 # ---------------------------------------------------------------- preprocess -> dual_ar
 GENERATE_INPUTS = (
@@ -91,14 +100,14 @@ GENERATE_INPUTS = (
     _s("TOP_K", np.int32, optional=True),
     _s("SEED", np.int64, optional=True),
     _s("MAX_FRAMES", np.int32, optional=True),
-    _s("CHUNK_PLAN", np.int32, (3,), optional=True),     # ChunkPlan.as_list()
+    _s("CHUNK_PLAN", np.int32, (len(ChunkPlan().as_list()),), optional=True),     # ChunkPlan.as_list()
     _s("FORMAT_CODE", np.int32, optional=True),           # index into SAMPLE_FORMATS, echoed in CHUNK_META
     _s("START_NS", np.int64, optional=True),              # time.monotonic_ns() at preprocess, echoed
 )
-# dual_ar inputs: a generation (all GENERATE_INPUTS) or a stop (STOP alone): the stop aborts every
-# running request of the same Triton request id (ensembles do not pass a client's cancellation on
-# to a running step, so the client sends this when it abandons a stream).
-DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("STOP", np.bool_, optional=True),)
+# dual_ar inputs: a generation (all GENERATE_INPUTS and REQUEST_ID) or a stop (STOP and REQUEST_ID):
+# the stop ends the running request with that server-issued id (tts sends it when its client is gone:
+# ensembles do not pass a client's cancellation on to a running step).
+DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("REQUEST_ID", np.object_, optional=True), _s("STOP", np.bool_, optional=True))
 DUAL_AR_OUTPUTS = (
     _s("CODES", np.int64, ("codebooks", -1)),             # [codebooks, context + new frames]
     _s("CHUNK_META", np.int64, (4,)),                     # see ChunkMeta
@@ -117,6 +126,7 @@ POSTPROCESS_INPUTS = (
 # ---------------------------------------------------------------- voices
 VOICES_INPUTS = (
     _s("ACTION", np.object_),
+    _s("ADMIN_KEY", np.object_, optional=True),           # register and delete: the server's admin key
     _s("VOICE_ID", np.object_, optional=True),
     _s("REFERENCE_AUDIO", np.float32, (-1,), optional=True),
     _s("REFERENCE_SAMPLE_RATE", np.int32, optional=True),
@@ -138,8 +148,15 @@ class ChunkMeta:
         return np.array([self.index, self.context_frames, self.format_code, self.start_ns], dtype=np.int64)
 
     @classmethod
-    def unpack(cls, a: np.ndarray) -> "ChunkMeta":
-        index, context, fmt, start = (int(v) for v in np.asarray(a).reshape(-1)[:4])
+    def unpack(cls, a: np.ndarray | None) -> "ChunkMeta":
+        values = None if a is None else np.asarray(a).reshape(-1)
+        if values is None or values.size != 4 or values.dtype.kind not in "iu":
+            raise InvalidArgument("chunk_meta", f"expected 4 integers [index, context frames, format code, start ns], "
+                                                f"got {None if a is None else f'{values.dtype} {list(np.shape(a))}'}")
+        index, context, fmt, start = (int(v) for v in values)
+        integer("chunk_meta", index, 0, 1 << 31)
+        integer("chunk_meta", context, 0, 1 << 16)
+        integer("chunk_meta", fmt, 0, len(SAMPLE_FORMATS) - 1)
         return cls(index, context, fmt, start)
 
 
@@ -170,6 +187,42 @@ def _one(get: Getter, spec: TensorSpec, required: bool = False):
         except UnicodeDecodeError:
             raise InvalidArgument(field, "not valid UTF-8") from None
     return float(v) if np.dtype(spec.dtype).kind == "f" else int(v)
+
+
+def check_required(get: Getter, specs: tuple[TensorSpec, ...]) -> None:
+    """Every required input is present (InvalidArgument naming the first one missing)."""
+    for spec in specs:
+        if not spec.optional and get(spec.name) is None:
+            raise InvalidArgument(spec.name.lower(), "required")
+
+
+def check_request_id(request_id: str | None) -> str:
+    if request_id is None or not REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument("request_id", "required: the server-issued id of the request (32 hex digits)")
+    return request_id
+
+
+def check_chunk_codes(codes: np.ndarray | None) -> np.ndarray:
+    """A code chunk for the codec: integer [1, codebooks, frames >= 1] (out-of-range codes are clamped
+    by the codec itself)."""
+    if codes is None or codes.ndim != 3 or codes.shape[0] != 1 or codes.shape[2] < 1 or codes.dtype.kind not in "iu":
+        raise InvalidArgument("codes", f"expected an integer tensor [1, codebooks, frames >= 1], got "
+                                       f"{None if codes is None else f'{codes.dtype} {list(codes.shape)}'}")
+    return codes
+
+
+def check_decoded(decoded: np.ndarray | None, meta: ChunkMeta, frame_length: int) -> np.ndarray:
+    """The new samples of a decoded chunk (its context's samples dropped)."""
+    context = meta.context_frames * frame_length
+    if decoded is None or decoded.dtype.kind != "f" or decoded.size <= context or decoded.size % frame_length:
+        raise InvalidArgument("decoded", f"expected float samples of whole frames beyond {meta.context_frames} context "
+                                         f"frames, got {None if decoded is None else f'{decoded.dtype} {list(decoded.shape)}'}")
+    return decoded.reshape(-1)[context:]
+
+
+def one_string(get: Getter, name: str) -> str | None:
+    """A scalar BYTES input as text (None when absent)."""
+    return _one(get, TensorSpec(name, np.object_, (1,), optional=True))
 
 
 def check_voice_id(voice_id: str) -> str:
@@ -248,7 +301,7 @@ def parse_tts_request(get: Getter, limits: Limits) -> TTSRequest:
     plan = limits.check_plan(ChunkPlan(
         first_chunk_frames=value("FIRST_CHUNK_FRAMES", limits.chunk_plan.first_chunk_frames),
         chunk_frames=value("CHUNK_FRAMES", limits.chunk_plan.chunk_frames),
-        context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames)))
+        context_frames=value("CONTEXT_FRAMES", limits.chunk_plan.context_frames), ramp=limits.chunk_plan.ramp))
     max_frames = limits.check_frames(value("MAX_FRAMES", limits.max_frames))
     sample_format = value("SAMPLE_FORMAT", SAMPLE_FORMATS[0])
     if sample_format not in SAMPLE_FORMATS:
@@ -261,6 +314,7 @@ class VoiceRequest:
     action: str
     voice_id: str | None
     reference: ReferenceInput | None
+    admin_key: str | None = None
 
 
 def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceRequest:
@@ -269,6 +323,7 @@ def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceReque
     if action not in VOICE_ACTIONS:
         raise InvalidArgument("action", f"expected one of {list(VOICE_ACTIONS)}, got {action!r}")
     voice_id = _one(get, specs["VOICE_ID"])
+    admin_key = _one(get, specs["ADMIN_KEY"])
     if action == "list":
         return VoiceRequest(action, None, None)
     if voice_id is None:
@@ -277,7 +332,21 @@ def parse_voice_request(get: Getter, max_reference_seconds: float) -> VoiceReque
     reference = _reference(get, specs, max_reference_seconds, required=action == "register")
     if action == "delete" and reference is not None:
         raise InvalidArgument("reference_audio", "not used when deleting a voice")
-    return VoiceRequest(action, voice_id, reference)
+    return VoiceRequest(action, voice_id, reference, admin_key)
+
+
+def check_admin_key(given: str | None, expected: str | None) -> None:
+    """A protected action needs the server's admin key (when the server has one)."""
+    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
+        raise PermissionDenied("admin_key", "missing or wrong: registering and deleting voices needs the server's "
+                                            "admin key ($FISH_S2_ADMIN_KEY, or the admin-key file of the server)")
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """End the running request with this server-issued id."""
+
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -285,6 +354,7 @@ class GenerateRequest:
     """What dual_ar receives from preprocess: a complete generation request (the prompt's values are
     the engine's to check against its model and buffers)."""
 
+    request_id: str
     prompt: np.ndarray          # int64 [rows, T]
     prefix_len: int
     params: SamplingParams
@@ -307,14 +377,15 @@ def generate_tensors(prompt: np.ndarray, prefix_len: int, req: TTSRequest, start
             "START_NS": np.array([start_ns], np.int64)}
 
 
-def parse_generate_request(get: Getter) -> GenerateRequest | None:
-    """A dual_ar request: None for a stop request (STOP alone), else every generation input is required."""
+def parse_generate_request(get: Getter) -> GenerateRequest | StopRequest:
+    """A dual_ar request: a stop (STOP and REQUEST_ID alone), else every generation input is required."""
     specs = {s.name: s for s in DUAL_AR_INPUTS}
+    request_id = check_request_id(_one(get, specs["REQUEST_ID"]))
     present = [s.name for s in GENERATE_INPUTS if get(s.name) is not None]
     if _one(get, specs["STOP"]):
         if present:
-            raise InvalidArgument("stop", f"a stop request carries no other inputs, got {present}")
-        return None
+            raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
+        return StopRequest(request_id)
     prompt = get("PROMPT")
     if prompt is None:
         raise InvalidArgument("prompt", "required")
@@ -322,18 +393,37 @@ def parse_generate_request(get: Getter) -> GenerateRequest | None:
         raise InvalidArgument("prompt", f"expected an integer tensor [rows, T], got {prompt.dtype} {list(prompt.shape)}")
     scalars = {s.name: _one(get, s, required=True) for s in GENERATE_INPUTS if s.dims == (1,)}
     plan = get("CHUNK_PLAN")
-    if plan is None or plan.size != 3:
-        raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} values [first_chunk_frames, "
-                                            f"chunk_frames, context_frames], got "
+    if plan is None or plan.size != len(ChunkPlan().as_list()) or plan.dtype.kind not in "iu":
+        raise InvalidArgument("chunk_plan", f"expected {len(ChunkPlan().as_list())} integers [first_chunk_frames, "
+                                            f"chunk_frames, context_frames, ramp], got "
                                             f"{None if plan is None else list(plan.shape)}")
     integer("format_code", scalars["FORMAT_CODE"], 0, len(SAMPLE_FORMATS) - 1)
     return GenerateRequest(
-        prompt=prompt.astype(np.int64), prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
+        request_id=request_id, prompt=prompt.astype(np.int64),
+        prefix_len=integer("prefix_len", scalars["PREFIX_LEN"], 0, prompt.shape[1] - 1),
         params=SamplingParams(temperature=scalars["TEMPERATURE"], top_p=scalars["TOP_P"], top_k=scalars["TOP_K"],
                               seed=scalars["SEED"]),
         max_frames=integer("max_frames", scalars["MAX_FRAMES"], 1, 1 << 31),
         chunk_plan=ChunkPlan(*(int(v) for v in plan.reshape(-1))),
         format_code=scalars["FORMAT_CODE"], start_ns=scalars["START_NS"])
+
+
+def parse_entry_stop(get: Getter) -> str | None:
+    """The server-issued id of a stop request to tts (STOP and REQUEST_ID alone), None for a synthesis."""
+    specs = {s.name: s for s in ENTRY_INPUTS}
+    if not _one(get, specs["STOP"]):
+        if get("REQUEST_ID") is not None:
+            raise InvalidArgument("request_id", "only a stop request carries one (ids are issued by the server)")
+        return None
+    present = [s.name for s in TTS_INPUTS if get(s.name) is not None]
+    if present:
+        raise InvalidArgument("stop", f"a stop request carries only REQUEST_ID, got {present}")
+    return check_request_id(_one(get, specs["REQUEST_ID"]))
+
+
+def stop_tensors(request_id: str) -> dict[str, np.ndarray]:
+    """The inputs (of tts, or of dual_ar) that stop the request with this server-issued id."""
+    return {"STOP": np.array([True]), "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
 
 
 # ---------------------------------------------------------------- building requests (client side)
@@ -355,9 +445,11 @@ def tts_inputs(text: str, *, voice_id: str | None = None, reference_audio: np.nd
 
 
 def voice_inputs(action: str, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
-                 reference_sample_rate: int | None = None, reference_text: str | None = None) -> dict[str, np.ndarray]:
+                 reference_sample_rate: int | None = None, reference_text: str | None = None,
+                 admin_key: str | None = None) -> dict[str, np.ndarray]:
     return _arrays(VOICES_INPUTS, dict(action=action, voice_id=voice_id, reference_audio=reference_audio,
-                                       reference_sample_rate=reference_sample_rate, reference_text=reference_text))
+                                       reference_sample_rate=reference_sample_rate, reference_text=reference_text,
+                                       admin_key=admin_key))
 
 
 def _arrays(specs: tuple[TensorSpec, ...], values: dict) -> dict[str, np.ndarray]:

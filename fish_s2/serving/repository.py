@@ -1,7 +1,8 @@
 """Fill the model-repository templates for a profile and a checkpoint.
 
     python -m fish_s2.serving.repository --profile cpu|gpu --checkpoint DIR --artifacts DIR --out DIR \\
-        [--voices-dir DIR] [--gpus N] [--set engine.max_active=4 --set triton.codec_max_batch=16 ...]
+        [--voices-dir DIR] [--gpus N] [--set engine.max_active=4 --set triton.codec_max_batch=16 ...] \\
+        [--device-memory 80GiB]
 
 Writes ``OUT/<model>/config.pbtxt`` (templates from ``model_repository/templates`` with ``${name}``
 placeholders; tensor blocks rendered from :mod:`fish_s2.serving.protocol`, dims from the
@@ -13,6 +14,9 @@ uses it), ``trtllm/`` (TensorRT-LLM model directory) and ``trt/codec_decoder.pla
 ``python -m fish_s2.export`` writes them. The engine block of serving.yaml is the one source of the
 engine's limits for both runtimes; with runtime trtllm the LLM-API settings file
 (``fish_s2/trtllm/llm_api.yaml`` unless ``trtllm_settings`` names another) is checked against it.
+A derived ``engine.max_frames`` (null) is resolved here by the memory plan for ``--device-memory``
+(default: what the configured device has free now) and that plan saved as ``OUT/memory_plan.txt``;
+the derived slot count and dtype are left to dual_ar's start (``model_repository/README.md``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import load_config
+from ..memory_plan import MemoryPlan, check_fits, parse_bytes
 from . import protocol as p
 from .config import FILE_NAME, TRITON_CODECS, ServingConfig
 
+PLAN_FILE_NAME = "memory_plan.txt"
+
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
-MODELS = (p.TTS, p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
-PYTHON_MODELS = (p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
+MODELS = (p.TTS, p.TTS_PIPELINE, p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
+PYTHON_MODELS = (p.TTS, p.PREPROCESS, p.DUAL_AR, p.CODEC_DECODER, p.POSTPROCESS, p.VOICES)
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,12 @@ class TritonModelSettings:
 # per profile: serving.yaml settings (on top of ServingConfig's defaults) and Triton settings
 PROFILE_SETTINGS = {
     # cpu: every model is its own process sharing a few cores, so one intra-op thread each (torch's
-    # default of one per core oversubscribes them; loadgen measured higher throughput with 1)
-    "cpu": ({"device": "cpu", "dtype": "float32", "runtime": "torch", "threads": 1,
-             "engine": {"max_active": 16, "max_queued": 64}}, TritonModelSettings()),
-    "gpu": ({"device": "cuda", "dtype": "bfloat16", "runtime": "trtllm",
-             "engine": {"max_active": 64, "max_queued": 128}},
+    # default of one per core oversubscribes them; loadgen measured higher throughput with 1).
+    # Both: dtype auto and engine.max_active derived from the memory when dual_ar starts, up to max_slots
+    "cpu": ({"device": "cpu", "runtime": "torch", "threads": 1, "max_slots": 16,
+             "engine": {"max_active": None, "max_queued": 64}}, TritonModelSettings()),
+    "gpu": ({"device": "cuda", "runtime": "trtllm", "max_slots": 64,
+             "engine": {"max_active": None, "max_queued": 128}},
             TritonModelSettings(preprocess_instances=2, postprocess_instances=2, codec_max_batch=32,
                            codec_queue_delay_us=1000)),
 }
@@ -88,8 +96,11 @@ class Artifacts:
 
 
 def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: Path,
-                   overrides: dict[str, object]) -> tuple[ServingConfig, TritonModelSettings]:
-    """The profile's settings, with export outputs found under ``artifacts``, then ``overrides``."""
+                   overrides: dict[str, object], device_memory: int | None = None
+                   ) -> tuple[ServingConfig, TritonModelSettings, MemoryPlan | None]:
+    """The profile's settings, with export outputs found under ``artifacts``, then ``overrides``; a
+    derived ``engine.max_frames`` resolved by the memory plan (returned; None when nothing was derived
+    here) for ``device_memory`` bytes (None: the memory free now on the configured device)."""
     if profile not in PROFILE_SETTINGS:
         raise ValueError(f"--profile: expected one of {sorted(PROFILE_SETTINGS)}, got {profile!r}")
     defaults, triton = PROFILE_SETTINGS[profile]
@@ -135,7 +146,13 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         path = getattr(cfg, name)
         if needed and path is not None and not Path(path).exists():
             raise ValueError(f"{name}: {path} does not exist (run the export first, or override it with --set)")
-    return cfg, triton
+    plan = None
+    if cfg.engine.max_frames is None:   # a request limit: resolved once, here, for preprocess and dual_ar alike
+        from .runtime import memory_plan
+
+        plan = check_fits(memory_plan(cfg, device_memory, triton.codec_max_batch))
+        cfg = cfg.with_overrides({"engine.max_frames": plan.max_frames})
+    return cfg, triton, plan
 
 
 def render_tensors(kind: str, specs: tuple[p.TensorSpec, ...], sizes: dict[str, int],
@@ -190,7 +207,8 @@ def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict
               "codec_runtime": cfg.codec_runtime, **{k: str(v) for k, v in dataclasses.asdict(triton).items()},
               **instance_groups(cfg, triton)}
     io = {
-        p.TTS: (p.TTS_INPUTS, p.TTS_OUTPUTS), p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
+        p.TTS: (p.ENTRY_INPUTS, p.TTS_OUTPUTS), p.TTS_PIPELINE: (p.PIPELINE_INPUTS, p.TTS_OUTPUTS),
+        p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
         p.DUAL_AR: (p.DUAL_AR_INPUTS, p.DUAL_AR_OUTPUTS), p.CODEC_DECODER: (p.CODEC_INPUTS, p.CODEC_OUTPUTS),
         p.POSTPROCESS: (p.POSTPROCESS_INPUTS, p.TTS_OUTPUTS), p.VOICES: (p.VOICES_INPUTS, p.VOICES_OUTPUTS),
     }
@@ -199,27 +217,36 @@ def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict
         names = codec_names if model == p.CODEC_DECODER else None
         values[model] = {**common, "inputs": render_tensors("input", inputs, sizes, names),
                          "outputs": render_tensors("output", outputs, sizes, names)}
-    values[p.TTS].update(
+    values[p.TTS_PIPELINE].update(
         preprocess_maps=_maps([("input", s.name, s.name) for s in p.TTS_INPUTS]
                               + [("output", n, n.lower()) for n in gen]),
-        dual_ar_maps=_maps([("input", n, n.lower()) for n in gen]
+        dual_ar_maps=_maps([("input", n, n.lower()) for n in gen] + [("input", "REQUEST_ID", "STREAM_ID")]
                            + [("output", "CODES", "codes"), ("output", "CHUNK_META", "chunk_meta"),
                               ("output", "REQUEST_ID", "request_id")]),
         postprocess_maps=_maps([("output", s.name, s.name) for s in p.TTS_OUTPUTS]),
         codec_input=codec_names.get("CODES", "CODES"), codec_output=codec_names.get("AUDIO", "AUDIO"))
+    # a codec served by a Triton backend decodes one first chunk before it reports ready (the python
+    # model warms itself up in initialize)
+    (codes,) = p.CODEC_INPUTS
+    values[p.CODEC_DECODER]["warmup"] = (
+        f'model_warmup [ {{ name: "first_chunk" batch_size: 1 inputs {{ key: "{codec_names.get("CODES", "CODES")}" '
+        f'value: {{ data_type: {codes.config_type} dims: [ {sizes["codebooks"]}, '
+        f'{cfg.engine.chunk_plan.first_chunk_frames} ] zero_data: true }} }} }} ]')
     return values
 
 
 def generate(profile: str, checkpoint: str | Path, artifacts: str | Path, out: str | Path,
              voices_dir: str | Path | None = None, overrides: dict[str, object] | None = None,
-             templates: str | Path = TEMPLATES) -> ServingConfig:
-    """Write the model repository; returns its serving config."""
+             templates: str | Path = TEMPLATES, device_memory: int | None = None) -> ServingConfig:
+    """Write the model repository; returns its serving config. ``device_memory``: the memory a derived
+    ``engine.max_frames`` is planned for (None: what the configured device has free now)."""
     checkpoint, artifacts, out, templates = Path(checkpoint), Path(artifacts), Path(out), Path(templates)
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"--checkpoint: {checkpoint} has no config.json")
     dual_cfg, _ = load_config(checkpoint)
-    cfg, triton = serving_config(profile, checkpoint, artifacts,
-                                 Path(voices_dir) if voices_dir else artifacts / "voices", overrides or {})
+    cfg, triton, plan = serving_config(profile, checkpoint, artifacts,
+                                       Path(voices_dir) if voices_dir else artifacts / "voices", overrides or {},
+                                       device_memory)
     sizes = {"rows": dual_cfg.frame_rows, "codebooks": dual_cfg.num_codebooks}
     values = template_values(cfg, triton, sizes)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +268,12 @@ def generate(profile: str, checkpoint: str | Path, artifacts: str | Path, out: s
         elif model in PYTHON_MODELS:
             shutil.copyfile(templates / model / "1" / "model.py", target / "1" / "model.py")
     cfg.save(out / FILE_NAME)
+    plan_file = out / PLAN_FILE_NAME
+    if plan is not None:
+        plan_file.write_text(f"# the plan that resolved engine.max_frames; dual_ar plans again when it starts\n"
+                             f"{plan.to_text()}\n")
+    elif plan_file.exists():
+        plan_file.unlink()
     return cfg
 
 
@@ -265,11 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a serving.yaml setting (engine.max_active=4) or a triton.* setting")
     ap.add_argument("--templates", default=str(TEMPLATES))
+    ap.add_argument("--device-memory", help="memory a derived engine.max_frames (null) is planned for: 80GiB, "
+                    "48GB, ... (default: what the configured device has free now)")
     args = ap.parse_args(argv)
     try:
+        try:
+            memory = None if args.device_memory is None else parse_bytes(args.device_memory)
+        except ValueError as e:
+            raise ValueError(f"--device-memory: {e}") from None
         overrides = _parse_overrides(args.set) | ({} if args.gpus is None else {"triton.gpus": args.gpus})
         cfg = generate(args.profile, args.checkpoint, args.artifacts, args.out, args.voices_dir, overrides,
-                       args.templates)
+                       args.templates, memory)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,8 +5,14 @@ backend needs a backend folder holding ``libtriton_python.so``, ``triton_python_
 and the stub for this Python version (linked into ``WORKDIR/backends/python``), the wheel's
 libraries and this interpreter's ``LIBDIR`` on ``LD_LIBRARY_PATH``, and this environment's ``bin``
 first on ``PATH`` (the stub takes its Python from ``python3`` on PATH). In NVIDIA's Triton container
-pass ``tritonserver`` and ``backend_dir`` explicitly. The server binds to ``host`` (loopback by
-default).
+the ``tritonserver`` on PATH is used with its own backends (and GPU metrics). The server binds to
+``host`` (loopback by default).
+
+Locked down by default: Triton's admin protocols (model repository control, logging, trace, shared
+memory) need the header ``admin-key`` (HTTP) / ``triton-grpc-protocol-admin-key`` (gRPC) with the
+admin key, which is also what the ``voices`` model asks for to register or delete a voice. The key
+comes from ``$FISH_S2_ADMIN_KEY`` or is generated at start and written to ``WORKDIR/admin-key`` (mode
+0600). ``open_admin`` (``--open-admin``) lifts the restriction, for operators who need it.
 
 Stopping: SIGTERM drains first (:mod:`fish_s2.serving.drain`): the drain flag ``WORKDIR/draining``
 (``FISH_S2_DRAIN_FILE`` of the server process) makes ``preprocess`` refuse new streams with
@@ -15,7 +21,7 @@ UNAVAILABLE and :meth:`TritonServer.ready` report False, the streams in flight f
 produces a response after it). Ctrl-C stops at once.
 
     python -m fish_s2.serving.server --repository DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
-        [--drain-grace-s 90 --exit-timeout-s 15]
+        [--drain-grace-s 90 --exit-timeout-s 30 --open-admin]
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +57,28 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> command name of ``root`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        names[int(entry.name)] = name
+        children.setdefault(int(rest[1]), []).append(int(entry.name))
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        out[pid] = names.get(pid, "?")
+        todo += children.get(pid, [])
+    return out
 
 
 def pytriton_dist() -> Path:
@@ -89,12 +119,31 @@ class TritonServer:
     grpc_port: int = 8001
     metrics_port: int = 8002
     host: str = "127.0.0.1"
-    tritonserver: Path | None = None        # default: the nvidia-pytriton binary
-    backend_dir: Path | None = None         # default: built under workdir from the wheel
-    exit_timeout_s: int = 15                # upper bound; the server exits as soon as its models unload
+    tritonserver: Path | None = None        # default: `tritonserver` on PATH, else the nvidia-pytriton binary
+    backend_dir: Path | None = None         # default: the binary's own (or, for the wheel's, built under workdir)
+    exit_timeout_s: int = 30                # upper bound; the server exits as soon as its models unload
     drain_grace_s: float = drain_.MAX_S     # SIGTERM / drain(): how long streams in flight may take to finish
     log_verbose: int = 0
+    admin_key: str | None = None            # default: $FISH_S2_ADMIN_KEY, else generated (see admin_key_path)
+    open_admin: bool = False                # True: Triton's admin protocols open to every client
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    ADMIN_PROTOCOLS = ("model-repository", "logging", "trace", "shared-memory")
+
+    def __post_init__(self):
+        self.admin_key = self.admin_key or os.environ.get("FISH_S2_ADMIN_KEY") or secrets.token_hex(16)
+        found = shutil.which("tritonserver")
+        if self.tritonserver is None and found:   # NVIDIA's container
+            self.tritonserver = Path(found)
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process (its backend stubs are its children), while it runs."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def admin_key_path(self) -> Path:
+        return Path(self.workdir) / "admin-key"
 
     @property
     def grpc_url(self) -> str:
@@ -114,22 +163,28 @@ class TritonServer:
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
-        if self.tritonserver is None:
+        backends = self.backend_dir
+        if self.tritonserver is None:   # the wheel's CPU server: python backend only, no GPU metrics
             dist = pytriton_dist()
             binary = dist / "bin" / "tritonserver"
             libs = [str(dist.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
             env["LD_LIBRARY_PATH"] = ":".join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+            backends = backends or python_backend_dir(Path(self.workdir))
         else:
             binary = Path(self.tritonserver)
-        backends = self.backend_dir or python_backend_dir(Path(self.workdir))
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env[drain_.FILE_ENV] = str(self.drain_flag)
+        env["FISH_S2_ADMIN_KEY"] = self.admin_key      # the voices model checks register/delete against it
+        restricted = [] if self.open_admin else [
+            f"--grpc-restricted-protocol={','.join(self.ADMIN_PROTOCOLS)}:admin-key={self.admin_key}",
+            f"--http-restricted-api={','.join(self.ADMIN_PROTOCOLS)}:admin-key={self.admin_key}"]
         cmd = [str(binary), f"--model-repository={Path(self.repository).resolve()}",
-               f"--backend-directory={backends}",
+               *([f"--backend-directory={backends}"] if backends else []),
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-               "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout_s}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", *restricted,
+               f"--allow-gpu-metrics={'false' if self.tritonserver is None else 'true'}",
+               f"--exit-timeout-secs={self.exit_timeout_s}",
                "--disable-auto-complete-config",      # the configs are complete; skips a stub launch per model
                "--model-load-thread-count=8",         # load every model at once
                f"--log-verbose={self.log_verbose}"]
@@ -139,6 +194,9 @@ class TritonServer:
         """Start and wait until every model is ready; on failure stop it and raise with the log's tail."""
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
         self.drain_flag.unlink(missing_ok=True)       # left by an earlier drain
+        self.admin_key_path.touch(mode=0o600)
+        self.admin_key_path.chmod(0o600)
+        self.admin_key_path.write_text(self.admin_key + "\n")
         cmd, env = self.command()
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -217,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
-    ap.add_argument("--tritonserver", help="server binary (default: the nvidia-pytriton one)")
-    ap.add_argument("--backend-dir", help="Triton backends folder (default: the nvidia-pytriton python backend)")
+    ap.add_argument("--tritonserver", help="server binary (default: tritonserver on PATH, else the nvidia-pytriton one)")
+    ap.add_argument("--backend-dir", help="Triton backends folder (default: the server's own)")
+    ap.add_argument("--open-admin", action="store_true",
+                    help="leave Triton's admin protocols (model repository, logging, trace, shared memory) open to "
+                         "every client; by default they need the admin key ($FISH_S2_ADMIN_KEY or WORKDIR/admin-key)")
     add_stop_arguments(ap)
     args = ap.parse_args(argv)
     repo = Path(args.repository)
@@ -226,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.grpc_port, args.metrics_port, args.host,
                           Path(args.tritonserver) if args.tritonserver else None,
                           Path(args.backend_dir) if args.backend_dir else None,
-                          args.exit_timeout_s, drain_grace_s=args.drain_grace_s)
+                          args.exit_timeout_s, drain_grace_s=args.drain_grace_s, open_admin=args.open_admin)
     return serve_until_interrupted(server)
 
 
@@ -272,6 +333,7 @@ def serve_until_interrupted(server: TritonServer, sidecars: Sequence = ()) -> in
             sidecar.stop()
         server.stop()
         return 130
+    print(f"admin key (admin protocols, voice register/delete): {server.admin_key_path}", flush=True)
     print(f"ready: gRPC {server.grpc_url}, HTTP {server.host}:{server.http_port}, metrics {server.metrics_url}"
           + "".join(f", {s}" for s in started) + "; Ctrl-C stops it", flush=True)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ from ..engine.config import EngineConfig, check_request
 from ..request import Event, EngineRequest, Internal, Lifecycle, Live, RequestHandle, Unavailable
 from ..sampling import seed_to_key
 from .hf_config import FishS2Config
-from .model import CODES_OUTPUT, request_inputs
+from .model import CODES_OUTPUT, failed_frames, request_inputs
 from .settings import TrtllmSettings, load_trtllm_settings
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,16 @@ def cache_salt(prompt: Tensor, cfg: DualARConfig) -> str:
     return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
 
 
-def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, engine: EngineConfig, cfg: DualARConfig):
-    """Build ``tensorrt_llm.LLM`` for a converted directory with the slot manager installed.
+def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, engine: EngineConfig, cfg: DualARConfig,
+                         kv_budget: dict | None = None):
+    """Build ``tensorrt_llm.LLM`` for a converted directory with the slot manager installed; ``kv_budget``:
+    the memory plan's KV-cache size (:meth:`fish_s2.memory_plan.MemoryPlan.trtllm_kv_cache`).
 
     The worker must run in this process (``TLLM_WORKER_USE_SINGLE_PROCESS=1``): the model class, its
     config type and the slot manager are Python objects of this process."""
+    if kv_budget is None:
+        raise ValueError("kv_budget: the memory plan's TensorRT-LLM KV-cache size is required "
+                         "(fish_s2.serving.runtime.start_dual_ar passes it)")
     if os.environ.setdefault("TLLM_WORKER_USE_SINGLE_PROCESS", "1") != "1":
         raise RuntimeError("TLLM_WORKER_USE_SINGLE_PROCESS must be 1 for the Fish S2 model")
     from tensorrt_llm import LLM, SamplingParams
@@ -75,7 +81,7 @@ def _default_llm_factory(model_dir: Path, settings: TrtllmSettings, engine: Engi
             self.args.extra_resource_managers = {"fish_s2_slots": manager}
             super()._build_model()
 
-    return FishLLM(model=str(model_dir), **settings.build_llm_kwargs(engine)), SamplingParams
+    return FishLLM(model=str(model_dir), **settings.build_llm_kwargs(engine, kv_budget)), SamplingParams
 
 
 @dataclass
@@ -90,12 +96,13 @@ class _Run:
 
 class TrtllmEngine:
     def __init__(self, model_dir: str | Path, engine: EngineConfig, settings: TrtllmSettings | None = None,
-                 llm_factory: Callable | None = None):
+                 llm_factory: Callable | None = None, kv_budget: dict | None = None):
+        """``kv_budget``: the KV pool's size from the memory plan, for the default LLM factory."""
         self.model_dir = Path(model_dir)
         self.model_cfg = FishS2Config.from_pretrained(str(self.model_dir)).dual_ar_config()
         self.cfg: EngineConfig = engine.validate(self.model_cfg.slow.max_seq_len)
         self.settings = (settings or load_trtllm_settings()).validate(self.cfg)
-        self._llm_factory = llm_factory or _default_llm_factory
+        self._llm_factory = llm_factory or functools.partial(_default_llm_factory, kv_budget=kv_budget)
         self.llm = None
         self._sampling_cls = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,7 +151,7 @@ class TrtllmEngine:
             if not self._thread.is_alive():
                 self._loop.close()
             self._loop = self._thread = None
-        self.lifecycle.finish_all("cancelled")
+        self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down; retry on another server"))
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -206,6 +213,9 @@ class TrtllmEngine:
                                f"{len(tokens)} tokens")
         eos = self.model_cfg.eos_id
         for i in range(run.n_tokens, len(tokens)):
+            if failed_frames(codes[i].reshape(-1)):
+                raise RuntimeError("the TensorRT-LLM model could not serve this request (no decode slot; see the "
+                                   "server log)")
             if tokens[i] == eos:
                 break
             self.lifecycle.frame(live, codes[i].reshape(-1).to(torch.long).numpy())

@@ -9,7 +9,9 @@ resampling and per-request noise, then the fast AR over the codebooks), stores t
 request's slot, and (4) returns logits that are -inf everywhere except the sampled main token, so
 the engine's own (greedy) sampler picks exactly that token and its stop rules (``end_id`` =
 <|im_end|>, ``max_tokens``) apply, plus the frame's codes as the additional output
-``fish_codes``.
+``fish_codes``. A request the slot manager failed (:mod:`fish_s2.trtllm.state`) gets <|im_end|>
+and codes all :data:`~fish_s2.trtllm.state.FAILED_CODE` instead: the engine ends it, and
+:func:`failed_frames` tells its client.
 
 Everything in this module above :func:`register` is plain torch and is exercised on CPU by the
 tests with fish_s2's own transformer layers standing in for TensorRT-LLM's. :func:`register`
@@ -31,9 +33,10 @@ from ..layers import apply_rope, rope_table
 from ..request import SamplingParams
 from ..slow_ar import SlowAR
 from .hf_config import ARCHITECTURE, MODEL_TYPE
-from .state import SlotManager
+from .state import FAILED_CODE, SlotManager
 
 CODES_OUTPUT = "fish_codes"   # additional_model_outputs name: the frame's codes, one row per sequence
+HIDDEN_OUTPUT = "fish_hidden"  # ... and the final-norm hidden state each frame came from (for checks)
 MM_KEY = "fish_s2"            # multi_modal_data key of the per-request tensors
 
 
@@ -48,6 +51,11 @@ def request_inputs(prompt: Tensor, params: SamplingParams, noise_key: int) -> di
     return {"prompt": "", "multi_modal_data": {MM_KEY: {
         "prompt": prompt.to(torch.long).contiguous(), "sampling": sampling,
         "key": torch.tensor([noise_key], dtype=torch.long)}}}
+
+
+def failed_frames(codes: Tensor) -> Tensor:
+    """Rows of ``fish_codes`` [..., num_codebooks] that mark a request the model failed (bool [...])."""
+    return (codes == FAILED_CODE).all(dim=-1)
 
 
 class FishInputProcessor:
@@ -130,25 +138,35 @@ class DualARStep:
 
     def frames(self, hidden: Tensor, n_rows: int, n_context: int) -> tuple[Tensor, Tensor]:
         """From each row's final-norm hidden state [n_rows, dim]: the frame step, stored in the slots;
-        returns (logits [n_rows, vocab] forcing the main token, codes [n_rows, num_codebooks])."""
+        returns (logits [n_rows, vocab] forcing the main token, codes [n_rows, num_codebooks]). Rows of
+        failed requests force <|im_end|> and return FAILED_CODE codes (their slot is scratch: what they
+        store there is never read as a request's state)."""
         st = self.state
+        if n_rows > st.max_rows:
+            raise ValueError(f"batch of {n_rows} sequences, but the slot tables hold {st.max_rows} rows "
+                             f"(max_batch_size of the settings the LLM was built with)")
         read, write = st.row_read[:n_rows], st.row_write[:n_rows]
         frame = decode_frame(self.view, hidden, st.sampling(read), st.frame_idx[read], st.window[read],
                              self.audio_ids, self.fast_cache, slice(0, n_rows))
         push = torch.arange(n_rows, device=hidden.device) >= n_context
         st.commit(read, write, frame, push)
+        failed = st.row_fail[:n_rows].bool()
+        main = torch.where(failed, self.view.cfg.eos_id, frame[:, 0])
+        codes = torch.where(failed[:, None], FAILED_CODE, frame[:, 1:])
         logits = torch.full((n_rows, self.vocab_size), float("-inf"), device=hidden.device)
-        logits.scatter_(1, frame[:, :1], 0.0)
-        return logits, frame[:, 1:]
+        logits.scatter_(1, main[:, None], 0.0)
+        return logits, codes
 
 
 def step_forward(step: DualARStep, transformer, input_ids: Tensor, n_rows: int, n_context: int,
                  context_codes: Tensor, last_token: Tensor) -> dict[str, Tensor]:
     """One engine forward around ``transformer`` (input embeddings [N, dim] -> final-norm hidden [N, dim]);
-    ``last_token`` [n_rows] indexes each row's last packed token. Returns the model's output dict."""
-    hidden = transformer(step.embed(input_ids, n_rows, n_context, context_codes))
-    logits, codes = step.frames(hidden[last_token], n_rows, n_context)
-    return {"logits": logits, CODES_OUTPUT: codes.to(torch.int32)}
+    ``last_token`` [n_rows] indexes each row's last packed token. Returns the model's output dict: the
+    forcing logits, and per row the frame's codes and hidden state (TensorRT-LLM hands a request the
+    additional outputs it asks for; build/selfcheck.py asks for the hidden states)."""
+    hidden = transformer(step.embed(input_ids, n_rows, n_context, context_codes))[last_token]
+    logits, codes = step.frames(hidden, n_rows, n_context)
+    return {"logits": logits, CODES_OUTPUT: codes.to(torch.int32), HIDDEN_OUTPUT: hidden}
 
 
 # ---------------------------------------------------------------------------- TensorRT-LLM classes
@@ -243,13 +261,15 @@ def register() -> type:
             owner = [self]
             self.layers = nn.ModuleList(FishDecoderLayer(model_config, i, owner) for i in range(c.num_hidden_layers))
             self.norm = RMSNorm(hidden_size=c.hidden_size, eps=c.rms_norm_eps, dtype=c.torch_dtype)
-            self.init_buffers("cpu")
+            # rope / codebook_offsets: built by init_buffers at load (post_load_weights), not here: the
+            # model is constructed under TensorRT-LLM's MetaInitMode and then materialized uninitialized
 
         @property
         def embeddings(self):
             return self.embed_tokens
 
         def init_buffers(self, device) -> None:
+            """The non-persistent buffers (bf16-rounded RoPE table, codebook offsets) on ``device``."""
             s = self.cfg.slow
             self.register_buffer("rope", rope_table(s.max_seq_len, s.head_dim, s.rope_base).to(device),
                                  persistent=False)
@@ -296,6 +316,12 @@ def register() -> type:
             super().load_weights(rest, **kwargs)
 
         def post_load_weights(self):
+            """After the weights: TensorRT-LLM's own post-load work, then our buffers and the frame step
+            (which owns the fast AR's cache), on the weights' device (the loader calls this once the model
+            is on the GPU)."""
+            parent = getattr(super(), "post_load_weights", None)
+            if parent is not None:
+                parent()
             w = self.model.embed_tokens.weight
             self.model.init_buffers(w.device)
             self.fast.init_buffers(w.device)
@@ -304,6 +330,8 @@ def register() -> type:
 
         def forward(self, attn_metadata, input_ids=None, position_ids=None, inputs_embeds=None,
                     return_context_logits: bool = False, multimodal_params=None, **kwargs):
+            if self.step is None:
+                raise RuntimeError("FishS2DualARForCausalLM.forward before post_load_weights (weights not loaded)")
             n_ctx, n_rows = attn_metadata.num_contexts, attn_metadata.num_seqs
             n_ctx_tokens = int(attn_metadata.seq_lens[:n_ctx].sum()) if n_ctx else 0
             if n_ctx:  # eager only: CUDA graphs are decode-only

@@ -4,7 +4,9 @@
 The YAML is the one source of these arguments (the dataclasses have no defaults). The engine's
 limits (``max_active`` = the LLM's ``max_batch_size``, prompt and frame limits = ``max_seq_len``,
 queue, chunk plan, cancellation checks) come from the serving config's ``engine`` block, as for the
-torch engine. Knobs the Dual-AR model requires are fixed here, not configurable: the engine's
+torch engine, and the KV pool's size from the memory plan (``MemoryPlan.trtllm_kv_cache``: the
+serving config's ``kv_memory_fraction`` as ``free_gpu_memory_fraction``, and ``max_tokens`` = slots x
+tokens per slot). Knobs the Dual-AR model requires are fixed here, not configurable: the engine's
 sampler only has to take the one token the model leaves finite, and the worker must share a process
 with the engine.
 """
@@ -25,8 +27,6 @@ SLOT_MARGIN = 2  # slots per max_batch_size: a finished request's slot is freed 
 class KvCacheSettings:
     enable_block_reuse: bool
     tokens_per_block: int
-    free_gpu_memory_fraction: float
-    max_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ class TrtllmSettings:
         kv = self.kv_cache
         if kv.tokens_per_block < 1 or kv.tokens_per_block & (kv.tokens_per_block - 1):
             raise ValueError(f"kv_cache.tokens_per_block: must be a power of two, got {kv.tokens_per_block}")
-        if not 0.0 < kv.free_gpu_memory_fraction <= 1.0:
-            raise ValueError(f"kv_cache.free_gpu_memory_fraction: must be in (0, 1], got {kv.free_gpu_memory_fraction}")
         if self.cuda_graph is not None and (not self.cuda_graph.batch_sizes or min(self.cuda_graph.batch_sizes) < 1):
             raise ValueError("cuda_graph.batch_sizes: must be a non-empty list of sizes >= 1")
         if not self.enable_chunked_prefill and engine.max_prompt_tokens > self.max_num_tokens:
@@ -69,9 +67,10 @@ class TrtllmSettings:
         """Per-request state slots of the model (:mod:`fish_s2.trtllm.state`)."""
         return SLOT_MARGIN * engine.max_active
 
-    def llm_kwargs(self, engine: EngineConfig) -> dict:
+    def llm_kwargs(self, engine: EngineConfig, kv_budget: dict) -> dict:
         """``LLM(model_dir, **kwargs)`` arguments as plain data (tensorrt_llm config objects are built
-        from it by :meth:`build_llm_kwargs`)."""
+        from it by :meth:`build_llm_kwargs`); ``kv_budget``: ``free_gpu_memory_fraction`` and
+        ``max_tokens``, the ``kv_cache`` of :meth:`fish_s2.memory_plan.MemoryPlan.trtllm_kv_cache`."""
         kv = self.kv_cache
         graphs = None
         if self.cuda_graph is not None:
@@ -86,17 +85,22 @@ class TrtllmSettings:
             "enable_chunked_prefill": self.enable_chunked_prefill,
             "disable_overlap_scheduler": self.disable_overlap_scheduler,
             "kv_cache_config": {"enable_block_reuse": kv.enable_block_reuse, "tokens_per_block": kv.tokens_per_block,
-                                "free_gpu_memory_fraction": kv.free_gpu_memory_fraction, "max_tokens": kv.max_tokens},
+                                "free_gpu_memory_fraction": kv_budget["free_gpu_memory_fraction"],
+                                "max_tokens": kv_budget["max_tokens"]},
             "cuda_graph_config": graphs,
             "sampler_type": "TorchSampler",     # greedy pick of the one finite logit the model returns
+            # never pause a request: a resumed one would be re-prefilled without its prompt codes
+            "scheduler_config": {"capacity_scheduler_policy": "GUARANTEED_NO_EVICT"},
         }
 
-    def build_llm_kwargs(self, engine: EngineConfig) -> dict:
+    def build_llm_kwargs(self, engine: EngineConfig, kv_budget: dict) -> dict:
         """:meth:`llm_kwargs` with the tensorrt_llm config objects (imports tensorrt_llm)."""
-        from tensorrt_llm.llmapi import CudaGraphConfig, KvCacheConfig
+        from tensorrt_llm.llmapi import CapacitySchedulerPolicy, CudaGraphConfig, KvCacheConfig, SchedulerConfig
 
-        kw = self.llm_kwargs(engine)
+        kw = self.llm_kwargs(engine, kv_budget)
         kw["kv_cache_config"] = KvCacheConfig(**kw["kv_cache_config"])
+        policy = kw["scheduler_config"]["capacity_scheduler_policy"]
+        kw["scheduler_config"] = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy[policy])
         if kw["cuda_graph_config"] is not None:
             kw["cuda_graph_config"] = CudaGraphConfig(**kw["cuda_graph_config"])
         return kw

@@ -1,14 +1,19 @@
 """dual_ar: hosts one batched Dual-AR engine for every concurrent request (decoupled).
 
 Inputs: a generation request from preprocess (PROMPT [rows, T], PREFIX_LEN, TEMPERATURE, TOP_P,
-TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS), or STOP alone, which cancels every
-running request of the same Triton request id. Outputs, one response per code chunk: CODES
-[codebooks, context + n], CHUNK_META (index, context frames, format code, start ns), REQUEST_ID
-(server-generated). Every request ends with exactly one FINAL response (empty, or carrying the error).
+TOP_K, SEED, MAX_FRAMES, CHUNK_PLAN, FORMAT_CODE, START_NS) with REQUEST_ID (the server-issued id
+from tts, the engine's request id), or STOP with REQUEST_ID, which stops that running request.
+Outputs, one response per code chunk: CODES [codebooks, context + n], CHUNK_META (index, context
+frames, format code, start ns), REQUEST_ID. Every request ends with exactly one FINAL response:
+empty at the end of speech, the frame limit or a stop (tts, which sends the stops, tells its client
+that the stream was cancelled), else carrying its typed error.
 
+``initialize`` plans the memory before loading any weight (logged, exported as metrics; settings that
+cannot fit are refused with the numbers), loads and warms the engine up, so Triton reports the model
+ready only once a request costs what later ones cost (:func:`fish_s2.serving.runtime.start_dual_ar`).
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
-sender (direct calls) and STOP requests (ensembles do not pass cancellation to a running step).
+sender (direct calls), and STOP requests from tts (ensembles do not pass cancellation to a running step).
 """
 
 import threading
@@ -17,12 +22,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
-from fish_s2.request import ChunkEvent, EngineRequest, collect
-from fish_s2.serving import protocol
+from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
+from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
-from fish_s2.serving.metrics import EngineMetrics
-from fish_s2.serving.runtime import build_engine, configure_threads, load_text_side, on_instance_device
+from fish_s2.serving.runtime import configure_threads, load_text_side, on_instance_device, start_dual_ar
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -36,9 +40,15 @@ class TritonPythonModel:
         check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
         configure_threads(self.cfg)
         self.cfg = on_instance_device(self.cfg, args)      # one engine per GPU: this instance's GPU
-        self.engine = build_engine(self.cfg)
         gpu = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
-        self.metrics = EngineMetrics(pb_utils, None if gpu is None else {"gpu": str(gpu)})
+        instance = {} if gpu is None else {"gpu": str(gpu)}  # tells the engines of one server apart in metrics
+        codec_batch = int(model_config["parameters"]["codec_max_batch"]["string_value"])
+        started = start_dual_ar(self.cfg, codec_batch, log=pb_utils.Logger.log_info)
+        self.engine = started.engine
+        startup = started.plan.to_metrics() + [(metrics.WARMUP.name, {"model": "dual_ar"}, started.warmup_s)]
+        self._startup_metrics = metrics.set_gauges(
+            pb_utils, [(name, {**labels, **instance}, value) for name, labels, value in startup])
+        self.metrics = metrics.EngineMetrics(pb_utils, instance)
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()
@@ -48,14 +58,14 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 gen = protocol.parse_generate_request(getter(pb_utils, request))
-                if gen is None:
-                    self.dispatch.stop(request.request_id())
+                if isinstance(gen, protocol.StopRequest):
+                    self.engine.cancel(gen.request_id)
                     sender.send(flags=FINAL)
                     continue
-                req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames,
-                                    prefix_len=gen.prefix_len, chunk_plan=gen.chunk_plan,
+                req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
+                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id,
                                     is_cancelled=sender.is_cancelled)
-                self.dispatch.submit(req, request.request_id(), (sender, gen.format_code, gen.start_ns))
+                self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal
                 sender.send(error_response(pb_utils, e), flags=FINAL)
         self.metrics.update(self.engine.stats())
@@ -74,9 +84,11 @@ class TritonPythonModel:
                 self.engine.cancel(stream.request_id)
                 raise
             return
+        pb_utils.Logger.log_info(f"dual_ar: request {event.request_id} {event.reason} after {event.n_frames} frames")
         response = None
-        try:
-            if event.error is not None:
+        try:   # a stopped request ends plainly: an error response from a running decoupled step strands the
+            # ensemble request in Triton 2.51; tts, which stopped it, tells its client (CANCELLED)
+            if event.error is not None and not isinstance(event.error, Cancelled):
                 response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)
@@ -84,7 +96,7 @@ class TritonPythonModel:
     def _warm_registered_voices(self):
         """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""
         dual_cfg, tokenizer = load_text_side(self.cfg)
-        builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks, self.cfg.allow_control_tokens)
         for voice in VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks).list():
             prompt, prefix_len = builder.request("", [voice.reference()])
             warm = EngineRequest(prompt, max_frames=1, prefix_len=prefix_len)

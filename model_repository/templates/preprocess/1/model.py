@@ -28,7 +28,7 @@ class TritonPythonModel:
         check_io(model_config, protocol.TTS_INPUTS, protocol.GENERATE_INPUTS)
         configure_threads(self.cfg)
         dual_cfg, tokenizer = load_text_side(self.cfg)
-        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks)
+        self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks, self.cfg.allow_control_tokens)
         self.voices = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
         self.limits = self.cfg.limits()

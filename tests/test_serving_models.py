@@ -25,6 +25,7 @@ from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
 from fish_s2.serving.runtime import DualARStart, memory_plan
+from fish_s2.serving.stops import StopBoard, instances, stop_board
 from fish_s2.request import CodeChunk
 
 FINAL = 1
@@ -446,6 +447,31 @@ def test_a_gpu_instance_runs_on_its_own_gpu(monkeypatch, repo, tiny_checkpoint):
                   start_dual_ar=start)
     assert made[-1] == "cpu" and MetricFamily.created[metrics.ACTIVE.name].labels == {}
     model.finalize()
+
+
+def test_a_stop_reaches_the_instance_that_runs_its_request(monkeypatch, repo, tiny_checkpoint, tmp_path):
+    """--gpus N: Triton hands tts's STOP to any dual_ar instance. One whose engine does not run the request
+    posts it on the server's stop board, where the request's own cancellation check finds it."""
+    assert stop_board({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]}) is None
+    two_gpus = stop_board({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}]}, tmp_path / "b")
+    assert isinstance(two_gpus, StopBoard) and instances({"instance_group": [{"count": 2, "gpus": [0, 1]}]}) == 4
+    board = StopBoard(tmp_path / "stops")
+    engines = [FakeEngine(load_config(tiny_checkpoint)[0]) for _ in range(2)]
+    a, b = (_load(monkeypatch, repo, "dual_ar", start_dual_ar=_start_with(e), stop_board=lambda config: board)
+            for e in engines)
+    rid = new_request_id()
+    request = Request(_generate_inputs(request_id=rid))
+    a.execute([request])
+    live = engines[0].requests[rid]
+    assert live.req.is_cancelled() is False
+    stop = Request(p.stop_tensors(rid))
+    b.execute([stop])                                       # the other instance: not its request
+    assert stop.sender.finals == [None] and board.posted(rid) and live.req.is_cancelled() is True
+    engines[0].lifecycle.poll_cancelled()                   # the engine's next check
+    assert request.sender.done.wait(5) and request.sender.finals == [None] and engines[0].cancelled == [rid]
+    assert not board.posted(rid)                            # the instance that ran it removed the notice
+    for model in (a, b):
+        model.finalize()
 
 
 # ------------------------------------------------------------------ tts: the relay through tts_pipeline

@@ -14,6 +14,8 @@ ready only once a request costs what later ones cost (:func:`fish_s2.serving.run
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
 sender (direct calls), and STOP requests from tts (ensembles do not pass cancellation to a running step).
+With one instance per GPU a STOP may reach an instance that does not run its request; that one posts
+it for the others (:mod:`fish_s2.serving.stops`).
 """
 
 import threading
@@ -27,6 +29,7 @@ from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.serving.runtime import configure_threads, load_text_side, on_instance_device, start_dual_ar
+from fish_s2.serving.stops import stop_board
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -49,6 +52,7 @@ class TritonPythonModel:
         self._startup_metrics = metrics.set_gauges(
             pb_utils, [(name, {**labels, **instance}, value) for name, labels, value in startup])
         self.metrics = metrics.EngineMetrics(pb_utils, instance)
+        self.stops = stop_board(model_config)             # several instances: a STOP may reach another one
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()
@@ -59,12 +63,14 @@ class TritonPythonModel:
             try:
                 gen = protocol.parse_generate_request(getter(pb_utils, request))
                 if isinstance(gen, protocol.StopRequest):
-                    self.engine.cancel(gen.request_id)
+                    if not self.engine.cancel(gen.request_id) and self.stops is not None:
+                        self.stops.post(gen.request_id)    # not this engine's: for the instance that runs it
                     sender.send(flags=FINAL)
                     continue
+                is_cancelled = sender.is_cancelled if self.stops is None else \
+                    self.stops.check(gen.request_id, sender.is_cancelled)
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
-                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id,
-                                    is_cancelled=sender.is_cancelled)
+                                    chunk_plan=gen.chunk_plan, request_id=gen.request_id, is_cancelled=is_cancelled)
                 self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal
                 sender.send(error_response(pb_utils, e), flags=FINAL)
@@ -92,6 +98,8 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)
+            if self.stops is not None:
+                self.stops.clear(event.request_id)
 
     def _warm_registered_voices(self):
         """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""

@@ -6,6 +6,7 @@
     python client/say.py voices add ID --reference-audio A.wav --reference-text "Transcript."
     python client/say.py voices list
     python client/say.py voices delete ID
+    python client/say.py "Hello there." -o out.wav --url host1:8001,host2:8001     # a fleet of replicas
 
 Prints the time to first audio and the real-time factor. Exit status: 0 done, 1 the server refused
 or failed (its message names the field), 2 bad arguments.
@@ -21,6 +22,9 @@ from pathlib import Path
 from fish_s2.client import DEFAULT_URL, TTSClient, read_audio
 from fish_s2.request import RequestError
 from fish_s2.serving.protocol import SAMPLE_FORMATS
+
+URL_HELP = ("Triton gRPC address; several comma-separated for a fleet (the same voice goes to the same replica, "
+            "and a request refused before any audio is retried on another)")
 
 
 def _say_parser() -> argparse.ArgumentParser:
@@ -43,13 +47,13 @@ def _say_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-frames", type=int, help="frame limit per speaker-turn batch")
     ap.add_argument("--chunk-length", type=int, help="UTF-8 bytes of speaker turns per batch (server default 200)")
     ap.add_argument("--format", choices=SAMPLE_FORMATS, default="float32", help="sample format on the wire")
-    ap.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
+    ap.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     return ap
 
 
 def _voices_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="say voices", description="register, list and delete voices")
-    ap.add_argument("--url", default=DEFAULT_URL, help="Triton gRPC address")
+    ap.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     ap.add_argument("--admin-key-file", help="the server's admin key (register, delete); default: $FISH_S2_ADMIN_KEY")
     sub = ap.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add")

@@ -10,6 +10,10 @@ Errors are the request layer's types (:mod:`fish_s2.request.errors`): InvalidArg
 field), NotFound, AlreadyExists, Busy (retry soon), Unavailable (retry elsewhere), Cancelled, Internal.
 Torch-free: ``pip install fish_s2[client]`` is enough.
 
+Several endpoints (``"host1:8001,host2:8001"`` or a list) make a fleet client: :mod:`fish_s2.routing`
+picks the replica per request (the same voice on the same replica, others by fewest outstanding
+streams) and retries a request on another replica on Unavailable while it has produced no audio.
+
     from fish_s2.client import TTSClient
     with TTSClient("127.0.0.1:8001") as tts:
         result = tts.synthesize("Hello! [laugh] This is Fish S2.", voice_id="alice", seed=1)
@@ -20,12 +24,13 @@ Torch-free: ``pip install fish_s2[client]`` is enough.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +41,7 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from .request import Internal, RequestError, Unavailable, from_wire
+from .routing import Router
 from .serving import protocol
 
 DEFAULT_URL = "127.0.0.1:8001"
@@ -221,21 +227,34 @@ async def _asend_then_wait(request: service_pb2.ModelInferRequest, done: asyncio
     await done.wait()
 
 
+def _fleet(url, policy: str, replica) -> tuple[Router, dict]:
+    """The router over ``url``'s endpoints, and one single-endpoint client per endpoint when there are
+    several (none for one endpoint: the client talks to it directly)."""
+    router = Router(url, policy)
+    return router, ({ep: replica(ep) for ep in router.endpoints} if len(router.endpoints) > 1 else {})
+
+
 # ------------------------------------------------------------------ sync client
 
 class TTSClient:
-    """``admin_key`` (default ``$FISH_S2_ADMIN_KEY``): the server's admin key, for registering and
-    deleting voices."""
+    """``url``: one endpoint, or several (a fleet, see :mod:`fish_s2.routing`; ``policy`` picks the
+    replica). ``admin_key`` (default ``$FISH_S2_ADMIN_KEY``): the server's admin key, for registering
+    and deleting voices."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0, admin_key: str | None = None):
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None, policy: str = "affinity"):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
         self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
+        self.router, self._replicas = _fleet(
+            url, policy, lambda ep: TTSClient(ep, model, timeout_s, drain_timeout_s, self.admin_key))
+        url = self.router.endpoints[0]
         self._channel = grpc.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                             ("grpc.max_send_message_length", -1)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     def ready(self) -> bool:
+        if self._replicas:
+            return any(r.ready() for r in self._replicas.values())
         try:
             return self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
         except grpc.RpcError:
@@ -244,6 +263,9 @@ class TTSClient:
     def stream(self, text: str, **fields) -> Iterator[AudioChunk]:
         """Audio chunks in order as they become ready. ``fields``: see :func:`protocol.tts_inputs`.
         Stopping the iteration early cancels the request on the server."""
+        if self._replicas:   # a fleet: fish_s2.routing picks the replica (and retries before any audio)
+            yield from self.router.stream(fields.get("voice_id"), lambda ep: self._replicas[ep].stream(text, **fields))
+            return
         request_id, done = uuid.uuid4().hex, threading.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
         call = self._stub.ModelStreamInfer(_send_then_wait(request, done), timeout=self.timeout_s)
@@ -276,6 +298,8 @@ class TTSClient:
         return collector.result(fields.get("sample_format"))
 
     def _voices_call(self, action: str, **fields) -> list[dict]:
+        if self._replicas:   # shared voices folder: any replica; a voice's own one warms its prefix
+            return self.router.call(fields.get("voice_id"), lambda ep: self._replicas[ep]._voices_call(action, **fields))
         req = _infer_request(protocol.VOICES, protocol.voice_inputs(action, **fields), uuid.uuid4().hex, False)
         try:
             return _voices(self._stub.ModelInfer(req, timeout=self.timeout_s))
@@ -293,6 +317,8 @@ class TTSClient:
         return self._voices_call("delete", voice_id=voice_id, admin_key=self.admin_key)[0]
 
     def close(self) -> None:
+        for replica in self._replicas.values():
+            replica.close()
         self._channel.close()
 
     def __enter__(self) -> "TTSClient":
@@ -310,15 +336,24 @@ class AsyncTTSClient:
     Use ``async with contextlib.aclosing(client.stream(...))`` when you may stop iterating early, so
     the request is cancelled at once rather than when the generator is collected."""
 
-    def __init__(self, url: str = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
-                 drain_timeout_s: float = 10.0, admin_key: str | None = None):
+    def __init__(self, url: str | Sequence[str] = DEFAULT_URL, model: str = protocol.TTS, timeout_s: float = 600.0,
+                 drain_timeout_s: float = 10.0, admin_key: str | None = None, policy: str = "affinity"):
         self.model, self.timeout_s, self.drain_timeout_s = model, timeout_s, drain_timeout_s
         self.admin_key = admin_key or os.environ.get("FISH_S2_ADMIN_KEY")
+        self.router, self._replicas = _fleet(
+            url, policy, lambda ep: AsyncTTSClient(ep, model, timeout_s, drain_timeout_s, self.admin_key))
+        url = self.router.endpoints[0]
         self._channel = grpc.aio.insecure_channel(url, options=[("grpc.max_receive_message_length", -1),
                                                                 ("grpc.max_send_message_length", -1)])
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
 
     async def stream(self, text: str, **fields) -> AsyncIterator[AudioChunk]:
+        if self._replicas:   # a fleet: fish_s2.routing picks the replica (and retries before any audio)
+            routed = self.router.astream(fields.get("voice_id"), lambda ep: self._replicas[ep].stream(text, **fields))
+            async with contextlib.aclosing(routed):
+                async for chunk in routed:
+                    yield chunk
+            return
         request_id, done = uuid.uuid4().hex, asyncio.Event()
         request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
         call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s)
@@ -348,7 +383,10 @@ class AsyncTTSClient:
     def open_session(self, text: str, **fields) -> "SpeechSession":
         """A session: ``text`` is spoken first; later text goes in with :meth:`SpeechSession.append`, which
         the server appends to the same engine request (one stream, only new tokens prefilled). Iterate
-        :meth:`SpeechSession.chunks`; end with ``append(end=True)``."""
+        :meth:`SpeechSession.chunks`; end with ``append(end=True)``. With several endpoints the session
+        goes to the first the router picks (and stays there)."""
+        if self._replicas:
+            return self._replicas[self.router.order(fields.get("voice_id"))[0]].open_session(text, **fields)
         return SpeechSession(self, text, fields)
 
     async def control(self, arrays: dict[str, np.ndarray]) -> None:
@@ -375,6 +413,8 @@ class AsyncTTSClient:
 
     async def voices(self, action: str, **fields) -> list[dict]:
         """register / list / delete (``fields``: see :func:`protocol.voice_inputs`; the admin key is added)."""
+        if self._replicas:   # shared voices folder: any replica; a voice's own one warms its prefix
+            return await self.router.acall(fields.get("voice_id"), lambda ep: self._replicas[ep].voices(action, **fields))
         keyed = {"admin_key": self.admin_key} if action != "list" else {}
         req = _infer_request(protocol.VOICES, protocol.voice_inputs(action, **fields, **keyed), uuid.uuid4().hex, False)
         try:
@@ -383,6 +423,8 @@ class AsyncTTSClient:
             raise _rpc_error(e) from None
 
     async def close(self) -> None:
+        for replica in self._replicas.values():
+            await replica.close()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncTTSClient":

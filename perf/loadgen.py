@@ -9,11 +9,22 @@ of Triton's own inference statistics over the level. Two prompt modes:
 
   unique  every request brings its own reference voice (audio + text), so no prefix is reused
           (the fair mode against prefix caching: each request pays reference encoding + prefill);
-  shared  every request uses one voice registered up front (its KV prefix is cached).
+  shared  every request uses one voice registered up front (its KV prefix is cached);
+  voices  --voices voices registered up front, one picked at random (seeded by the request's index)
+          per request.
+
+Fleet benchmark: several comma-separated --url endpoints make the client route across replicas
+(fish_s2.routing). --routing runs the same sweep once per policy (affinity: the same voice on the
+same replica; round_robin; least), each with its own freshly registered voices, and reports per
+level the requests each replica served and, with --metrics-url (each replica's Triton metrics, in
+--url's order), the prefix-cache hits and misses each replica counted (fish_s2_prefix_cache_*_total)
+and the hit rate.
 
 Writes JSON, a markdown table and a PNG plot under --out, and prints the JSON as its last line.
 
     python perf/loadgen.py --url 127.0.0.1:8001 --concurrency 1,2,4,8 --requests 16 --mode shared
+    python perf/loadgen.py --url HOST1:8001,HOST2:8001 --metrics-url http://HOST1:8002/metrics,http://HOST2:8002/metrics \\
+        --mode voices --voices 4 --routing affinity,round_robin --concurrency 1,4 --tag fleet
 """
 
 from __future__ import annotations
@@ -22,8 +33,12 @@ import argparse
 import asyncio
 import json
 import platform
+import random
+import re
 import sys
 import time
+import urllib.request
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +46,7 @@ import numpy as np
 
 from fish_s2.client import AsyncTTSClient, TTSClient
 from fish_s2.request import Player, RequestError
+from fish_s2.routing import parse_endpoints
 
 CORPUS = Path(__file__).with_name("corpus.txt")
 SHARED_VOICE = "loadgen-shared"
@@ -101,14 +117,18 @@ def request_fields(mode: str, i: int, args) -> dict:
     fields = {"seed": i, "max_frames": args.max_frames}
     if mode == "shared":
         fields["voice_id"] = SHARED_VOICE
+    elif mode == "voices":     # random, not cyclic: a cycle would line up with round robin's
+        fields["voice_id"] = args.voice_ids[random.Random(i).randrange(len(args.voice_ids))]
     else:
         audio, rate, text = reference_voice(i)
         fields.update(reference_audio=audio, reference_sample_rate=rate, reference_text=text)
     return fields
 
 
-async def run_level(url: str, concurrency: int, texts: list[str], args, offset: int) -> tuple[list[Sample], float]:
-    """Closed loop: `concurrency` workers, until --requests requests or --duration seconds are done."""
+async def run_level(url: str, concurrency: int, texts: list[str], args, offset: int,
+                    policy: str = "affinity") -> tuple[list[Sample], float, dict[str, int]]:
+    """Closed loop: `concurrency` workers, until --requests requests or --duration seconds are done;
+    (samples, wall seconds, requests each endpoint served)."""
     samples: list[Sample] = []
     counter = {"next": 0}
     deadline = None
@@ -122,7 +142,7 @@ async def run_level(url: str, concurrency: int, texts: list[str], args, offset: 
         counter["next"] += 1
         return counter["next"] - 1
 
-    async with AsyncTTSClient(url) as client:
+    async with AsyncTTSClient(url, policy=policy) as client:
         async def worker():
             while (i := take()) is not None:
                 k = offset + i
@@ -131,12 +151,19 @@ async def run_level(url: str, concurrency: int, texts: list[str], args, offset: 
         t = time.perf_counter()
         deadline = t + (args.duration or 0)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return samples, time.perf_counter() - t
+        endpoints = parse_endpoints(url)     # one endpoint: no routing, every request went there
+        served = dict(client.router.served) if len(endpoints) > 1 else {endpoints[0]: len(samples)}
+        return samples, time.perf_counter() - t, served
 
 
 def triton_stats(url: str) -> dict[str, dict]:
-    """Per-model cumulative counters of Triton's inference statistics."""
+    """Per-model cumulative counters of Triton's inference statistics (summed over a fleet's endpoints)."""
     import tritonclient.grpc as grpcclient
+
+    endpoints = parse_endpoints(url)
+    if len(endpoints) > 1:
+        per = [triton_stats(ep) for ep in endpoints]
+        return {name: {k: sum(s.get(name, {}).get(k, 0) for s in per) for k in per[0][name]} for name in per[0]}
 
     raw = grpcclient.InferenceServerClient(url).get_inference_statistics(as_json=True)
     out = {}
@@ -148,6 +175,32 @@ def triton_stats(url: str) -> dict[str, dict]:
             "queue_ns": int(inf.get("queue", {}).get("ns", 0)),
             "compute_infer_ns": int(inf.get("compute_infer", {}).get("ns", 0))}
     return out
+
+
+PREFIX = re.compile(r"^fish_s2_prefix_cache_(hits|misses)_total(?:\{[^}]*\})?\s+(\S+)", re.M)
+
+
+def prefix_counts(metrics_url: str) -> dict[str, float]:
+    """A replica's cumulative prefix-cache hits and misses (summed over its engines)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    counts = {"hits": 0.0, "misses": 0.0}
+    for kind, value in PREFIX.findall(text):
+        counts[kind] += float(value)
+    return counts
+
+
+def replica_report(endpoints: list[str], served: dict[str, int], before: list[dict] | None,
+                   after: list[dict] | None) -> tuple[dict, float | None]:
+    """Per replica: requests served and prefix-cache hits/misses over a level; the fleet's hit rate."""
+    replicas = {ep: {"served": served.get(ep, 0)} for ep in endpoints}
+    if before is None:
+        return replicas, None
+    for ep, b, a in zip(endpoints, before, after):
+        replicas[ep].update(prefix_hits=a["hits"] - b["hits"], prefix_misses=a["misses"] - b["misses"])
+    hits = sum(r["prefix_hits"] for r in replicas.values())
+    total = hits + sum(r["prefix_misses"] for r in replicas.values())
+    return replicas, (hits / total if total else None)
 
 
 def diff_stats(before: dict, after: dict) -> dict:
@@ -166,15 +219,16 @@ def summarize(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "playback_gap_s": percentiles([s.gap for s in ok]), "streams_with_gap": sum(s.gap > 0 for s in ok)}
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, header: bool = True) -> str:
     def ms(p, k):
         return "-" if p[k] is None else f"{1000 * p[k]:.0f}"
 
     lines = [f"# Load sweep: {result['tag']} ({result['mode']} voice)\n", f"Command: `{result['command']}`  ",
-             f"Server: {result['url']}, client machine: {result['machine']}\n",
-             "| concurrency | requests | errors | TTFA p50/p90/p99 ms | 2nd chunk p50/p90 ms | total p50/p99 ms "
-             "| RTF p50 | playback gap p50/p90 ms (streams with a gap) | audio-s/s | req/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Server: {result['url']}, client machine: {result['machine']}\n"] if header else \
+            [f"## {result['policy']} routing\n"]
+    lines += ["| concurrency | requests | errors | TTFA p50/p90/p99 ms | 2nd chunk p50/p90 ms | total p50/p99 ms "
+              "| RTF p50 | playback gap p50/p90 ms (streams with a gap) | audio-s/s | req/s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for lv in result["levels"]:
         t, s2, tot, r, g = lv["ttfa_s"], lv["second_chunk_s"], lv["total_s"], lv["rtf"], lv["playback_gap_s"]
         rtf = "-" if r["p50"] is None else f"{r['p50']:.2f}"
@@ -213,59 +267,133 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def prepare_shared_voice(url: str, admin_key: str | None) -> None:
-    audio, rate, text = reference_voice(10_000)
-    with TTSClient(url, admin_key=admin_key) as client:
-        if not any(v.get("voice_id") == SHARED_VOICE for v in client.list_voices()):
-            client.register_voice(SHARED_VOICE, audio, rate, text)
+def prepare_voices(url: str, voice_ids: list[str], admin_key: str | None, policy: str = "affinity") -> None:
+    """Register the voices that are not there yet, through the client the sweep uses (a fleet client
+    registers a voice on the replica its policy sends it to, which warms its prefix there)."""
+    with TTSClient(url, admin_key=admin_key, policy=policy) as client:
+        present = {v.get("voice_id") for v in client.list_voices()}
+        for voice_id in voice_ids:
+            if voice_id not in present:   # a recording of its own per id: no two ids share a cached prefix
+                audio, rate, text = reference_voice(10_000 + zlib.crc32(voice_id.encode()) % 1_000_000)
+                client.register_voice(voice_id, audio, rate, text)
+
+
+def comparison_markdown(result: dict) -> str:
+    lines = [f"# Fleet benchmark: {result['tag']} ({result['mode']} mode, {len(result['endpoints'])} replicas)\n",
+             f"Command: `{result['command']}`  "] + ([f"Servers: `{result['note']}`  "] if result["note"] else []) + [
+             f"Replicas: {', '.join(result['endpoints'])}; client machine: {result['machine']}\n",
+             "| routing | concurrency | requests | errors | prefix-cache hit rate | served per replica "
+             "| hits/misses per replica | TTFA p50 ms | audio-s/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        for lv in run["levels"]:
+            reps = lv["replicas"].values()
+            rate = "-" if lv["prefix_hit_rate"] is None else f"{100 * lv['prefix_hit_rate']:.1f}%"
+            hm = " / ".join(f"{r.get('prefix_hits', 0):.0f}/{r.get('prefix_misses', 0):.0f}" for r in reps)
+            ttfa = lv["ttfa_s"]["p50"]
+            lines.append(f"| {run['policy']} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {rate} | "
+                         f"{' / '.join(str(r['served']) for r in reps)} | {hm} | "
+                         f"{'-' if ttfa is None else f'{1000 * ttfa:.0f}'} | {lv['audio_s_per_s']:.2f} |")
+    totals = []
+    for run in result["runs"]:
+        reps = [r for lv in run["levels"] for r in lv["replicas"].values()]
+        hits, misses = sum(r.get("prefix_hits", 0) for r in reps), sum(r.get("prefix_misses", 0) for r in reps)
+        if hits + misses:
+            totals.append(f"{run['policy']} {100 * hits / (hits + misses):.1f}% ({hits:.0f} hits, {misses:.0f} misses)")
+    if totals:
+        lines.append("\nPrefix-cache hit rate over all levels (both replicas' /metrics, deltas over the measured "
+                     "requests only): " + "; ".join(totals) + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(markdown(run, header=False) for run in result["runs"])
+
+
+def sweep(args, policy: str, levels: list[int], texts: list[str], command: str) -> dict:
+    """One sweep over the concurrency levels with one routing policy."""
+    endpoints = parse_endpoints(args.url)
+    metrics_urls = parse_endpoints(args.metrics_url) if args.metrics_url else None
+    if metrics_urls is not None and len(metrics_urls) != len(endpoints):
+        raise SystemExit("--metrics-url: give one per --url endpoint, in the same order")
+    args = argparse.Namespace(**vars(args), voice_ids=[f"loadgen-{args.tag}-{policy}-{n}" for n in range(args.voices)])
+    if args.mode == "shared":
+        prepare_voices(args.url, [SHARED_VOICE], args.admin_key, policy)
+    elif args.mode == "voices":
+        prepare_voices(args.url, args.voice_ids, args.admin_key, policy)
+    if args.warmup:
+        warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "duration": None})
+        asyncio.run(run_level(args.url, 1, texts, warm, offset=10**6, policy=policy))
+    result = {"tag": args.tag, "mode": args.mode, "url": args.url, "policy": policy,
+              "machine": f"{platform.machine()}, python {platform.python_version()}", "command": command,
+              "levels": []}
+    for n, c in enumerate(levels):
+        before = triton_stats(args.url)
+        prefix_before = [prefix_counts(u) for u in metrics_urls] if metrics_urls else None
+        samples, wall, served = asyncio.run(run_level(args.url, c, texts, args, offset=100_000 * (n + 1),
+                                                      policy=policy))
+        level = summarize(samples, wall, c)
+        level["triton_stats_delta"] = diff_stats(before, triton_stats(args.url))
+        if len(endpoints) > 1 or metrics_urls:
+            level["replicas"], level["prefix_hit_rate"] = replica_report(
+                endpoints, served, prefix_before, [prefix_counts(u) for u in metrics_urls] if metrics_urls else None)
+        level["samples"] = [asdict(s) for s in samples]
+        result["levels"].append(level)
+        print(f"{policy} c={c}: {level['requests']} requests, {level['errors']} errors, TTFA p50 "
+              f"{level['ttfa_s']['p50']}, {level['audio_s_per_s']:.2f} audio-s/s"
+              + (f", prefix hit rate {level['prefix_hit_rate']}" if level.get("prefix_hit_rate") is not None else ""),
+              file=sys.stderr)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    ap.add_argument("--admin-key-file", help="the server's admin key, to register the shared voice "
-                                             "(default: $FISH_S2_ADMIN_KEY)")
+    ap.add_argument("--url", default="127.0.0.1:8001",
+                    help="Triton gRPC address; several comma-separated: a fleet, routed by fish_s2.routing")
+    ap.add_argument("--metrics-url", help="each --url endpoint's Triton metrics URL, comma-separated, same order: "
+                                          "per-replica prefix-cache hits and misses")
+    ap.add_argument("--routing", default="affinity",
+                    help="routing policies to compare, comma-separated (affinity, least, round_robin)")
+    ap.add_argument("--admin-key-file", help="the server's admin key, to register the voices of the shared and "
+                                             "voices modes (default: $FISH_S2_ADMIN_KEY)")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (closed loop)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the sweep")
-    ap.add_argument("--mode", choices=("unique", "shared"), default="shared")
+    ap.add_argument("--mode", choices=("unique", "shared", "voices"), default="shared")
+    ap.add_argument("--voices", type=int, default=4, help="mode voices: how many voices (default 4)")
     ap.add_argument("--max-frames", type=int, default=64)
     ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--tag", default="sweep")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--note", help="how the servers were set up (written under the command)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     texts = [t for t in Path(args.corpus).read_text().splitlines() if t.strip()]
-    if args.mode == "shared":
-        key = Path(args.admin_key_file).read_text().strip() if args.admin_key_file else None
-        prepare_shared_voice(args.url, key)
-    if args.warmup:
-        warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "duration": None})
-        asyncio.run(run_level(args.url, 1, texts, warm, offset=10**6))
-    result = {"tag": args.tag, "mode": args.mode, "url": args.url,
-              "machine": f"{platform.machine()}, python {platform.python_version()}",
-              "command": "python perf/loadgen.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "levels": []}
-    for n, c in enumerate(levels):
-        before = triton_stats(args.url)
-        samples, wall = asyncio.run(run_level(args.url, c, texts, args, offset=100_000 * (n + 1)))
-        level = summarize(samples, wall, c)
-        level["triton_stats_delta"] = diff_stats(before, triton_stats(args.url))
-        level["samples"] = [asdict(s) for s in samples]
-        result["levels"].append(level)
-        print(f"c={c}: {level['requests']} requests, {level['errors']} errors, TTFA p50 "
-              f"{level['ttfa_s']['p50']}, {level['audio_s_per_s']:.2f} audio-s/s", file=sys.stderr)
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given:      # recorded on its own
+        del given[given.index("--note"):given.index("--note") + 2]
+    command = "python perf/loadgen.py " + " ".join(given)
+    args.admin_key = Path(args.admin_key_file).read_text().strip() if args.admin_key_file else None
+    runs = [sweep(args, policy, levels, texts, command) for policy in args.routing.split(",")]
+    for run in runs:
+        run["note"] = args.note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"loadgen_{args.tag}_{args.mode}"
+    if len(runs) == 1:
+        result = runs[0]
+        (out / f"{stem}.md").write_text(markdown(result))
+        plot(result, out / f"{stem}.png")
+    else:
+        result = {k: runs[0][k] for k in ("tag", "mode", "url", "machine", "command", "note")} | {
+            "endpoints": parse_endpoints(args.url), "runs": runs}
+        (out / f"{stem}.md").write_text(comparison_markdown(result))
+        for run in runs:
+            plot(run, out / f"{stem}_{run['policy']}.png")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    plot(result, out / f"{stem}.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "levels"} |
-                     {"levels": [{k: v for k, v in lv.items() if k != "samples"} for lv in result["levels"]]}))
-    return result
 
+    def brief(run):
+        return {k: v for k, v in run.items() if k != "levels"} | {
+            "levels": [{k: v for k, v in lv.items() if k != "samples"} for lv in run["levels"]]}
+
+    print(json.dumps(brief(result) if len(runs) == 1 else {**result, "runs": [brief(r) for r in runs]}))
+    return result
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
-from fish_s2.serving import metrics
+from fish_s2.serving import drain, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -250,9 +251,9 @@ DRAIN_TEXT = (DEPLOY / "base" / "drain.sh").read_text()
 
 
 def drain_defaults() -> tuple[int, int]:
-    settle = re.search(r'^SETTLE_S="\$\{1:-(\d+)\}"', DRAIN_TEXT, re.M)
-    most = re.search(r'^MAX_S="\$\{2:-(\d+)\}"', DRAIN_TEXT, re.M)
-    return int(settle.group(1)), int(most.group(1))
+    """drain.sh runs fish_s2.serving.drain, whose defaults these are."""
+    assert "exec python3 -m fish_s2.serving.drain \"$@\"" in DRAIN_TEXT
+    return drain.SETTLE_S, drain.MAX_S
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -265,6 +266,7 @@ def test_drain_timing_is_consistent(rendered, overlay):
     assert drain_cm["data"]["drain.sh"] == DRAIN_TEXT
     assert (DEPLOY / "drain.sh").resolve() == (DEPLOY / "base" / "drain.sh").resolve()
     volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "fish-s2-drain")
+    flags = set()
     for name in ("triton", "openai"):
         c = container(pod, name)
         command = c["lifecycle"]["preStop"]["exec"]["command"]
@@ -273,6 +275,14 @@ def test_drain_timing_is_consistent(rendered, overlay):
         settle, most = (list(map(int, command[2:])) + list(drain_defaults())[len(command) - 2:])[:2]
         assert grace >= settle + most + exit_timeout, (name, grace, settle, most, exit_timeout)
         assert most >= 60        # a 1024-frame request (47.6 s of audio) at RTF up to ~1
+        # the drain switch: one flag file, on a writable volume both containers mount
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        flag_file = Path(env[drain.FILE_ENV])
+        flag_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(flag_file.parent))
+        assert not flag_mount.get("readOnly") and "emptyDir" in next(v for v in pod["volumes"]
+                                                                     if v["name"] == flag_mount["name"])
+        flags.add((str(flag_file), flag_mount["name"]))
+    assert len(flags) == 1
     assert sum(drain_defaults()) + exit_timeout <= grace
 
 
@@ -441,13 +451,18 @@ def test_dashboard(rendered):
 # --- drain.sh against a fake metrics endpoint ---------------------------------------------------------
 
 class _Metrics(http.server.BaseHTTPRequestHandler):
-    active, queued = 0, 0
+    active, queued, pending, finished = 0, 0, 0, 0
 
     def do_GET(self):
+        cls = type(self)
         body = ("# TYPE fish_s2_requests_active gauge\n"
-                f'fish_s2_requests_active{{model="dual_ar"}} {type(self).active}\n'
-                f"fish_s2_requests_queued {type(self).queued}\n"
+                f'fish_s2_requests_active{{model="dual_ar"}} {cls.active}\n'
+                f"fish_s2_requests_queued {cls.queued}\n"
                 "fish_s2_requests_active_total 7\n"                 # another name: not counted
+                f'nv_inference_pending_request_count{{model="codec_decoder",version="1"}} {cls.pending}\n'
+                'nv_inference_pending_request_count{model="tts",version="1"} 4\n'    # not a step after the engine
+                f'nv_inference_count{{model="postprocess",version="1"}} {cls.finished}\n'
+                f'nv_inference_count{{model="dual_ar",version="1"}} {time.monotonic()}\n'   # not counted
                 "nv_inference_count 3\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -469,11 +484,12 @@ def fake_metrics():
     server.server_close()
 
 
-def _drain(url: str, log: Path, settle: int, most: int) -> float:
-    if not (shutil.which("sh") and shutil.which("python3")):
-        pytest.skip("drain.sh needs sh and python3")
-    env = {"PATH": os.environ["PATH"], "FISH_S2_DRAIN_METRICS_URL": url,
-           "FISH_S2_DRAIN_LOG": str(log), "FISH_S2_DRAIN_POLL_S": "1"}
+def _drain(url: str, log: Path, settle: int, most: int, flag: Path | None = None) -> float:
+    if not shutil.which("sh"):
+        pytest.skip("drain.sh needs sh")
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",    # python3 with fish_s2, as in the image
+           "FISH_S2_DRAIN_METRICS_URL": url, "FISH_S2_DRAIN_LOG": str(log), "FISH_S2_DRAIN_POLL_S": "1",
+           **({drain.FILE_ENV: str(flag)} if flag else {})}
     start = time.monotonic()
     done = subprocess.run(["sh", str(DEPLOY / "drain.sh"), str(settle), str(most)], env=env, timeout=30)
     assert done.returncode == 0
@@ -485,8 +501,21 @@ def test_drain_waits_for_in_flight_requests(fake_metrics, tmp_path):
     handler.active, handler.queued = 2, 1
     threading.Timer(1.5, lambda: setattr(handler, "active", 0)).start()
     threading.Timer(2.5, lambda: setattr(handler, "queued", 0)).start()
-    took = _drain(url, tmp_path / "log", 0, 20)
+    flag = tmp_path / "run" / "draining"
+    took = _drain(url, tmp_path / "log", 0, 20, flag)
     assert 3.0 <= took < 8, took                 # zero from 2.5 s, confirmed one poll later
+    assert (tmp_path / "log").read_text().splitlines()[-1] == "drain: drained"
+    assert flag.exists()                         # new requests were refused from the start
+
+
+def test_drain_waits_for_the_chunks_after_the_engine(fake_metrics, tmp_path):
+    """The engine is idle, but a stream's last chunks are still queued for the codec, then finishing."""
+    handler, url = fake_metrics
+    handler.pending = 2
+    threading.Timer(1.5, lambda: setattr(handler, "pending", 0)).start()
+    threading.Timer(2.5, lambda: setattr(handler, "finished", 5)).start()
+    took = _drain(url, tmp_path / "log", 0, 20)
+    assert 3.5 <= took < 9, took                 # idle from 1.5 s, a chunk finished at 2.5 s, then steady
     assert (tmp_path / "log").read_text().splitlines()[-1] == "drain: drained"
 
 

@@ -142,3 +142,21 @@ def test_both_engines_errors_give_the_same_http_status(tiny, tiny_checkpoint, tm
         for engine in engines.values():
             engine.stop()
     assert statuses["torch"] == statuses["trtllm"] == (400, 429)
+
+
+def test_several_triton_endpoints_make_a_fleet_client():
+    """--triton A,B: the endpoint routes through fish_s2.routing; with no replica up the answer is 503."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from fish_s2.serving.openai_api import SpeechServer
+
+    async def run():
+        speech = SpeechServer("127.0.0.1:1,127.0.0.1:2")
+        async with TestClient(TestServer(speech.app())) as client:
+            response = await client.post("/v1/audio/speech", json=body(max_frames=4))
+            assert len(speech.client._replicas) == 2 and speech.client.router.retries == 1
+            return response.status, response.headers.get("Retry-After"), (await response.json())["error"]["code"]
+
+    assert asyncio.run(run()) == (503, "1", "unavailable")

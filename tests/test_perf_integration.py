@@ -132,3 +132,14 @@ def test_unique_voice_mode_sends_references(server, tmp_path):
     assert result["levels"][0]["errors"] == 0
     audio, rate, _ = loadgen.reference_voice(1)
     assert rate == 24000 and audio.dtype == np.float32 and not np.array_equal(audio, loadgen.reference_voice(2)[0])
+
+
+def test_voices_mode_reports_the_replicas_prefix_cache(server, tmp_path):
+    result = loadgen.main(["--url", server.grpc_url, "--metrics-url", server.metrics_url,
+                           "--admin-key-file", str(server.admin_key_path), "--concurrency", "2", "--requests", "4", "--warmup", "0", "--max-frames", "4", "--mode", "voices", "--voices", "2",
+                           "--tag", "v", "--out", str(tmp_path)])
+    level = result["levels"][0]
+    assert level["errors"] == 0 and level["replicas"][server.grpc_url]["served"] == 4
+    rep = level["replicas"][server.grpc_url]
+    assert rep["prefix_hits"] + rep["prefix_misses"] == 4 and level["prefix_hit_rate"] == rep["prefix_hits"] / 4
+    assert level["prefix_hit_rate"] == 1.0          # registering warmed both voices

@@ -105,3 +105,5 @@ def test_say_argument_errors(capsys):
         say.main(["voices", "add", "alice"])        # needs the reference
     args = say._voices_parser().parse_args(["--url", "h:1", "delete", "bob"])
     assert (args.action, args.voice_id, args.url) == ("delete", "bob", "h:1")
+    assert say.main(["Hi", "-o", "x.wav", "--url", "127.0.0.1:1,127.0.0.1:2"]) == 1    # a fleet, none up
+    assert "error:" in capsys.readouterr().err

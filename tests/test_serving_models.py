@@ -2,6 +2,7 @@
 engines/codecs: execute only hands off, every request gets exactly one FINAL response, STOP and
 broken clients free engine slots, metrics follow the engine."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -24,6 +25,7 @@ from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
 from fish_s2.serving.runtime import DualARStart, memory_plan
+from fish_s2.serving.stops import StopBoard, instances, stop_board
 from fish_s2.request import CodeChunk
 
 FINAL = 1
@@ -60,8 +62,8 @@ class InferenceResponse:
 
 
 class FakeMetric:
-    def __init__(self, buckets=None):
-        self.buckets, self.value, self.observed = buckets, 0, []
+    def __init__(self, buckets=None, labels=None):
+        self.buckets, self.value, self.observed, self.labels = buckets, 0, [], labels
 
     def increment(self, v):
         self.value += v
@@ -82,7 +84,7 @@ class MetricFamily:
 
     def Metric(self, labels, buckets=None):  # noqa: N802 (Triton's name)
         assert all(isinstance(v, str) for v in labels.values()), labels
-        metric = MetricFamily.created[self.name] = FakeMetric(buckets)
+        metric = MetricFamily.created[self.name] = FakeMetric(buckets, labels)
         MetricFamily.created[(self.name, tuple(sorted(labels.items())))] = metric
         return metric
 
@@ -182,7 +184,7 @@ def repo(tiny_checkpoint, tmp_path_factory):
     return out / "repo"
 
 
-def _load(monkeypatch, repo, model, pb=None, **patches):
+def _load(monkeypatch, repo, model, pb=None, instance: dict | None = None, **patches):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb or _fake_pb_utils())
     spec = importlib.util.spec_from_file_location(f"{model}_model", TEMPLATES / model / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -191,10 +193,10 @@ def _load(monkeypatch, repo, model, pb=None, **patches):
         monkeypatch.setattr(module, name, value)
     config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
-            "model_repository": str(repo / model)}
-    instance = module.TritonPythonModel()
-    instance.initialize(args)
-    return instance
+            "model_repository": str(repo / model), **(instance or {})}
+    loaded = module.TritonPythonModel()
+    loaded.initialize(args)
+    return loaded
 
 
 def _generate_inputs(fmt="int16", start_ns=42, rows=11, request_id=None):
@@ -207,20 +209,25 @@ def _chunk(request_id, index, frames=3, context=1):
     return ChunkEvent(request_id, CodeChunk(index, np.arange(10 * (frames + context)).reshape(10, -1), context), 0.1)
 
 
+def _start_with(engine, devices=None):
+    """A start_dual_ar giving ``engine`` with the real plan for this machine's memory (planned on the CPU
+    whatever device the instance got; ``devices`` collects those)."""
+    def start(cfg, codec_batch, log):
+        if devices is not None:
+            devices.append(cfg.device)
+        plan = check_fits(memory_plan(dataclasses.replace(cfg, device="cpu"), codec_batch=codec_batch))
+        for line in plan.to_text().splitlines():
+            log(line)
+        engine.plan = plan
+        return DualARStart(engine, plan, 0.25)
+
+    return start
+
+
 @pytest.fixture()
 def dual_ar(monkeypatch, repo, tiny_checkpoint):
     engine = FakeEngine(load_config(tiny_checkpoint)[0])
-    started = []
-
-    def start(cfg, codec_batch, log):   # the real plan (with this machine's memory); a fake engine
-        plan = check_fits(memory_plan(cfg, codec_batch=codec_batch))
-        for line in plan.to_text().splitlines():
-            log(line)
-        started.append(DualARStart(engine, plan, 0.25))
-        return started[-1]
-
-    model = _load(monkeypatch, repo, "dual_ar", start_dual_ar=start)
-    engine.plan = started[0].plan
+    model = _load(monkeypatch, repo, "dual_ar", start_dual_ar=_start_with(engine))
     yield model, engine
     model.finalize()
 
@@ -406,6 +413,65 @@ def test_codec_decoder_batches_equal_lengths(monkeypatch, repo):
     for i in (0, 1, 2):
         assert np.array_equal(out[i].outputs["AUDIO"], np.full((1, 4 * codes[i].shape[2]), i, np.float32))
     assert out[3].error.code == TritonError.INTERNAL and "bad chunk" in out[3].error.message()
+
+
+def test_preprocess_refuses_new_requests_while_draining(monkeypatch, repo, tmp_path):
+    flag = tmp_path / "draining"
+    monkeypatch.setenv("FISH_S2_DRAIN_FILE", str(flag))
+    model = _load(monkeypatch, repo, "preprocess")
+    request = lambda: Request({"TEXT": np.array([b"Hello."], dtype=object)})   # noqa: E731
+    assert model.execute([request()])[0].error is None
+    flag.touch()                                         # what drain() does first
+    refused = model.execute([request()])[0].error
+    assert refused.code == TritonError.UNAVAILABLE and from_wire(refused.message()).status == "UNAVAILABLE"
+    flag.unlink()
+    assert model.execute([request()])[0].error is None
+
+
+def test_a_gpu_instance_runs_on_its_own_gpu(monkeypatch, repo, tiny_checkpoint):
+    """instance_group gpus: [0, 1, ...] gives one dual_ar instance per GPU; each builds its engine on the GPU
+    Triton names in its args, and labels its metrics with it."""
+    import torch
+
+    made, current = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    start = _start_with(FakeEngine(load_config(tiny_checkpoint)[0]), made)
+    model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "GPU", "model_instance_device_id": "1"},
+                  start_dual_ar=start)
+    assert made == ["cuda:1"] and current == [1]
+    assert MetricFamily.created[metrics.ACTIVE.name].labels == {"gpu": "1"}
+    assert (metrics.WARMUP.name, (("gpu", "1"), ("model", "dual_ar"))) in MetricFamily.created   # startup gauges too
+    assert (metrics.PLAN[0].name, (("component", "total"), ("gpu", "1"))) in MetricFamily.created
+    model.finalize()
+    model = _load(monkeypatch, repo, "dual_ar", instance={"model_instance_kind": "CPU", "model_instance_device_id": "0"},
+                  start_dual_ar=start)
+    assert made[-1] == "cpu" and MetricFamily.created[metrics.ACTIVE.name].labels == {}
+    model.finalize()
+
+
+def test_a_stop_reaches_the_instance_that_runs_its_request(monkeypatch, repo, tiny_checkpoint, tmp_path):
+    """--gpus N: Triton hands tts's STOP to any dual_ar instance. One whose engine does not run the request
+    posts it on the server's stop board, where the request's own cancellation check finds it."""
+    assert stop_board({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]}) is None
+    two_gpus = stop_board({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}]}, tmp_path / "b")
+    assert isinstance(two_gpus, StopBoard) and instances({"instance_group": [{"count": 2, "gpus": [0, 1]}]}) == 4
+    board = StopBoard(tmp_path / "stops")
+    engines = [FakeEngine(load_config(tiny_checkpoint)[0]) for _ in range(2)]
+    a, b = (_load(monkeypatch, repo, "dual_ar", start_dual_ar=_start_with(e), stop_board=lambda config: board)
+            for e in engines)
+    rid = new_request_id()
+    request = Request(_generate_inputs(request_id=rid))
+    a.execute([request])
+    live = engines[0].requests[rid]
+    assert live.req.is_cancelled() is False
+    stop = Request(p.stop_tensors(rid))
+    b.execute([stop])                                       # the other instance: not its request
+    assert stop.sender.finals == [None] and board.posted(rid) and live.req.is_cancelled() is True
+    engines[0].lifecycle.poll_cancelled()                   # the engine's next check
+    assert request.sender.done.wait(5) and request.sender.finals == [None] and engines[0].cancelled == [rid]
+    assert not board.posted(rid)                            # the instance that ran it removed the notice
+    for model in (a, b):
+        model.finalize()
 
 
 # ------------------------------------------------------------------ tts: the relay through tts_pipeline

@@ -166,3 +166,63 @@ def test_serving_config_file_errors(tmp_path):
     path.write_text("- a list")
     with pytest.raises(ValueError, match="expected a mapping"):
         ServingConfig.load(path)
+
+
+def _instance_group(config):
+    return [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus)) for g in config.instance_group]
+
+
+def test_multi_gpu_host_gets_one_engine_and_codec_per_gpu(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    art = tmp_path / "art"
+    (art / "trtllm").mkdir(parents=True)
+    _onnx_identity(art / "onnx" / "codec_decoder.onnx", "codes_in", "audio_out")
+    repo = tmp_path / "repo"
+    generate("gpu", tiny_checkpoint, art, repo)                              # one GPU by default
+    configs = _configs(repo)
+    assert _instance_group(configs[p.DUAL_AR]) == [(1, "KIND_GPU", [0])]
+    assert main(["--profile", "gpu", "--checkpoint", str(tiny_checkpoint), "--artifacts", str(art),
+                 "--out", str(repo), "--gpus", "4", "--set", "triton.codec_instances=2"]) == 0
+    configs = _configs(repo)
+    assert _instance_group(configs[p.DUAL_AR]) == [(1, "KIND_GPU", [0, 1, 2, 3])]      # count is per listed GPU
+    assert _instance_group(configs[p.CODEC_DECODER]) == [(2, "KIND_GPU", [0, 1, 2, 3])]
+    assert _instance_group(configs[p.PREPROCESS])[0][1] == "KIND_CPU"
+    torch_codec = generate("gpu", tiny_checkpoint, art, tmp_path / "torch", overrides={
+        "runtime": "torch", "codec_runtime": "torch", "triton.gpus": 2})       # the python codec, per GPU too
+    assert torch_codec.codec_runtime == "torch"
+    assert _instance_group(_configs(tmp_path / "torch")[p.CODEC_DECODER]) == [(1, "KIND_GPU", [0, 1])]
+    cpu = generate("cpu", tiny_checkpoint, tmp_path, tmp_path / "cpu")
+    assert cpu.device == "cpu" and _instance_group(_configs(tmp_path / "cpu")[p.DUAL_AR]) == [(1, "KIND_CPU", [])]
+    with pytest.raises(ValueError, match="triton.gpus: the cpu profile uses no GPU"):
+        generate("cpu", tiny_checkpoint, tmp_path, tmp_path / "cpu", overrides={"triton.gpus": 2})
+    with pytest.raises(ValueError, match="triton.gpus: out of range"):
+        generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.gpus": 0})
+
+
+def test_tensor_parallel_size_is_an_llm_setting(tiny_checkpoint, tmp_path):
+    import yaml
+
+    from fish_s2.engine.config import EngineConfig
+
+    data = yaml.safe_load(DEFAULT_PATH.read_text())
+    budget = {"free_gpu_memory_fraction": 0.7, "max_tokens": 16 * 3072}   # the memory plan's KV budget
+    assert load_trtllm_settings(DEFAULT_PATH).llm_kwargs(EngineConfig(), budget)["tensor_parallel_size"] == 1
+    tp2 = tmp_path / "tp2.yaml"
+    tp2.write_text(yaml.safe_dump({**data, "tensor_parallel_size": 2}))
+    (tmp_path / "art" / "trtllm").mkdir(parents=True)
+    with pytest.raises(ValueError, match="tensor_parallel_size: 2 needs TensorRT-LLM's multi-process"):
+        generate("gpu", tiny_checkpoint, tmp_path / "art", tmp_path / "repo",
+                 overrides={"trtllm_settings": str(tp2), "codec_runtime": "torch"})
+
+
+def test_instance_device(monkeypatch, tmp_path):
+    import torch
+
+    from fish_s2.serving.runtime import on_instance_device
+
+    cfg = ServingConfig(checkpoint="c", voices_dir="v", profile="gpu", device="cuda", runtime="torch")
+    assert on_instance_device(cfg, {"model_instance_kind": "CPU", "model_instance_device_id": "0"}) is cfg
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert on_instance_device(cfg, {"model_instance_kind": "GPU", "model_instance_device_id": "3"}).device == "cuda:3"
+    assert current == [3]

@@ -74,3 +74,61 @@ def test_prompt_prefix_is_the_voice_system_block(tiny):
     assert torch.equal(prompt[:, :prefix_len], system)
     other, _ = builder.request("Different text.", [ref])
     assert torch.equal(other[:, :prefix_len], system)     # same voice, same cacheable prefix
+
+
+# --- several servers sharing one voices folder ----------------------------------------------------
+
+def test_two_registries_on_one_folder_see_each_other_at_once(tmp_path):
+    a, b = VoiceRegistry(tmp_path, NC), VoiceRegistry(tmp_path, NC)    # e.g. two replicas on one volume
+    with pytest.raises(NotFound):
+        b.get("alice")                                  # a miss first: nothing negative is remembered
+    a.add("alice", "From A.", _codes())
+    assert b.get("alice").text == "From A." and [v.voice_id for v in b.list()] == ["alice"]
+    b.delete("alice")
+    with pytest.raises(NotFound):
+        a.get("alice")                                  # gone for every replica once the delete returned
+    with pytest.raises(NotFound):
+        a.delete("alice")
+
+
+def _hammer(root: str, worker: int, rounds: int) -> int:
+    """Register, read and delete one id over and over; every read must be one writer's voice, whole."""
+    reg, reads = VoiceRegistry(root, NC), 0
+    for j in range(rounds):
+        tag = worker * 10_000 + j
+        try:
+            reg.add("same", f"voice {tag}", np.full((NC, 1 + tag % 13), tag))
+        except AlreadyExists:
+            pass
+        try:
+            voice = reg.get("same")
+            got = int(voice.text.split()[1])
+            assert voice.codes.shape == (NC, 1 + got % 13) and (voice.codes == got).all(), (voice.text, voice.codes)
+            reads += 1
+        except NotFound:
+            pass
+        if j % 2:
+            try:
+                reg.delete("same")
+            except NotFound:
+                pass
+    return reads
+
+
+def test_concurrent_registers_and_deletes_never_leave_a_half_written_voice(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    root = str(tmp_path / "voices")
+    VoiceRegistry(root, NC)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as procs, \
+            ThreadPoolExecutor(4) as threads:
+        futures = [procs.submit(_hammer, root, w, 150) for w in (1, 2)] + \
+                  [threads.submit(_hammer, root, w, 150) for w in (3, 4, 5, 6)]
+        reads = [f.result() for f in futures]
+    assert sum(reads) > 0
+    assert set(os.listdir(root)) <= {"same"}            # no .tmp-* or .del-* left behind
+    reg = VoiceRegistry(root, NC)
+    if os.listdir(root):
+        voice = reg.get("same")
+        assert (voice.codes == int(voice.text.split()[1])).all()

@@ -81,6 +81,10 @@ ERRORS: dict[str, type[RequestError]] = {
                           Internal)}
 _TAG = re.compile(r"\s*\[fish-s2:([A-Z_]+)\]\s*$")
 _PREFIX = re.compile(r"^(in ensemble '[^']*', )+")      # what a Triton ensemble puts before a step's error
+# Triton's own untagged refusals while it shuts down (core: InferenceServer::Stop, the schedulers' Enqueue;
+# then, while the models unload, "Request for unknown model: 'tts' has no available versions"): the request
+# never started, so another replica may take it
+_TRITON_STOPPING = re.compile(r"Server is stopping|stopped accepting new inference requests|has no available versions")
 # Triton's own checks of a request (datatype, shape) run before any model and come over a stream as a
 # message of this form, with no code (2.51, measured)
 _TRITON_REQUEST_CHECK = re.compile(r"^\[request id: [^\]]*\] ")
@@ -103,7 +107,8 @@ def client_gone(is_cancelled) -> bool:
 
 
 def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
-    """The typed error of a server's message: by its tag, else by the call's gRPC status code.
+    """The typed error of a server's message: by its tag, else by the call's gRPC status code (Triton's
+    untagged shutdown refusals are Unavailable).
 
     Fields of InvalidArgument / NotFound / AlreadyExists are read back from the ``field: ...`` form
     these classes give their messages."""
@@ -111,6 +116,8 @@ def from_wire(message: str, grpc_code: str | None = None) -> RequestError:
     tagged = _TAG.search(message)
     if tagged and tagged.group(1) in ERRORS:
         cls, message = ERRORS[tagged.group(1)], message[:tagged.start()]
+    elif _TRITON_STOPPING.search(message):
+        cls = Unavailable
     elif grpc_code is None and _TRITON_REQUEST_CHECK.match(message):
         cls = InvalidArgument
     else:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .repository import generate
-from .server import TritonServer, free_ports, serve_until_interrupted
+from .server import TritonServer, add_stop_arguments, free_ports, serve_until_interrupted
 
 DEMO_TEXT = "Hello! [laugh] This is Fish S2 streaming from Triton."
 
@@ -70,7 +70,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     repo = prepare(Path(args.artifacts), Path(args.checkpoint) if args.checkpoint else None)
     server = TritonServer(repo, Path(args.artifacts) / "triton-run", args.http_port, args.grpc_port,
-                          args.metrics_port, args.host, open_admin=args.open_admin)
+                          args.metrics_port, args.host, exit_timeout_s=args.exit_timeout_s,
+                          drain_grace_s=args.drain_grace_s, open_admin=args.open_admin)
     sidecars = []
     if args.openai_port:
         from .openai_api import SpeechProcess
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--openai-port", type=int, default=0,
                    help="also serve the OpenAI-compatible POST /v1/audio/speech on this port (0: off); "
                         "API key from $FISH_S2_API_KEY")
+    add_stop_arguments(s)
     args = ap.parse_args(argv)
     try:
         return run_demo(args) if args.command == "demo" else run_serve(args)

@@ -50,12 +50,12 @@ def _family(pb_utils, definition: MetricDef):
                                  kind=kinds[definition.kind])
 
 
-def create(pb_utils, definition: MetricDef):
+def create(pb_utils, definition: MetricDef, labels: dict[str, str] | None = None):
     """(family, metric) for one definition; keep the family alive as long as the metric."""
     family = _family(pb_utils, definition)
     if definition.buckets is not None:
-        return family, family.Metric(labels={}, buckets=list(definition.buckets))
-    return family, family.Metric(labels={})
+        return family, family.Metric(labels=labels or {}, buckets=list(definition.buckets))
+    return family, family.Metric(labels=labels or {})
 
 
 def set_gauges(pb_utils, rows) -> list:
@@ -72,12 +72,13 @@ def set_gauges(pb_utils, rows) -> list:
 
 
 class EngineMetrics:
-    """Mirrors an engine's ``stats()`` into the gauges and counters above (thread-safe)."""
+    """Mirrors an engine's ``stats()`` into the gauges and counters above (thread-safe). ``labels``
+    tell the engines of one server apart (one per GPU: ``{"gpu": "1"}``); readers sum over them."""
 
-    def __init__(self, pb_utils):
+    def __init__(self, pb_utils, labels: dict[str, str] | None = None):
         self._families, self._metrics = {}, {}
         for d in (ACTIVE, QUEUED, PREFIX_HITS, PREFIX_MISSES, FRAMES, PREFILL):
-            self._families[d.name], self._metrics[d.name] = create(pb_utils, d)
+            self._families[d.name], self._metrics[d.name] = create(pb_utils, d, labels)
         self._last = {PREFIX_HITS.name: 0, PREFIX_MISSES.name: 0, FRAMES.name: 0, PREFILL.name: 0}
         self._lock = threading.Lock()
 

@@ -1,6 +1,6 @@
 """An OpenAI-compatible ``POST /v1/audio/speech`` endpoint in front of the Triton ``tts`` ensemble.
 
-    python -m fish_s2.serving.openai_api --triton 127.0.0.1:8001 --port 8000 [--api-key KEY]
+    python -m fish_s2.serving.openai_api --triton 127.0.0.1:8001[,HOST:PORT...] --port 8000 [--api-key KEY]
 
 Request body (JSON): ``model`` (the served model name), ``input`` (text, inline tags such as
 ``[laugh]`` welcome), ``voice`` (a registered voice id, or ``default`` for no reference),
@@ -319,7 +319,9 @@ class SpeechProcess:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="OpenAI-compatible speech endpoint over the Triton tts ensemble")
-    ap.add_argument("--triton", default="127.0.0.1:8001", help="Triton gRPC address")
+    ap.add_argument("--triton", default="127.0.0.1:8001",
+                    help="Triton gRPC address; several comma-separated for a fleet (fish_s2.routing: voice "
+                         "affinity, failover before the first audio)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--model-name", default=DEFAULT_MODEL)

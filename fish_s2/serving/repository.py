@@ -1,7 +1,8 @@
 """Fill the model-repository templates for a profile and a checkpoint.
 
     python -m fish_s2.serving.repository --profile cpu|gpu --checkpoint DIR --artifacts DIR --out DIR \\
-        [--voices-dir DIR] [--set engine.max_active=4 --set triton.codec_max_batch=16 ...] [--device-memory 80GiB]
+        [--voices-dir DIR] [--gpus N] [--set engine.max_active=4 --set triton.codec_max_batch=16 ...] \\
+        [--device-memory 80GiB]
 
 Writes ``OUT/<model>/config.pbtxt`` (templates from ``model_repository/templates`` with ``${name}``
 placeholders; tensor blocks rendered from :mod:`fish_s2.serving.protocol`, dims from the
@@ -52,6 +53,7 @@ class TritonModelSettings:
     codec_instances: int = 1
     codec_max_batch: int = 8
     codec_queue_delay_us: int = 2000
+    gpus: int = 1        # GPUs on the host (gpu profile): one dual_ar engine and codec_instances codecs on each
 
 
 # per profile: serving.yaml settings (on top of ServingConfig's defaults) and Triton settings
@@ -125,6 +127,8 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         if key not in {f.name for f in dataclasses.fields(TritonModelSettings)}:
             raise ValueError(f"triton.{key}: unknown setting")
     triton = dataclasses.replace(triton, **triton_overrides)
+    if profile == "cpu" and triton.gpus != 1:
+        raise ValueError(f"triton.gpus: the cpu profile uses no GPU, got {triton.gpus}")
     for f in dataclasses.fields(TritonModelSettings):
         value = getattr(triton, f.name)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "delay" in f.name else 1):
@@ -183,12 +187,25 @@ def _codec_io_names(cfg: ServingConfig) -> dict[str, str]:
     return names
 
 
+def instance_groups(cfg: ServingConfig, triton: TritonModelSettings) -> dict[str, str]:
+    """dual_ar and codec_decoder instance groups: on the CPU one engine; on GPUs one engine per GPU
+    (``count`` is per listed GPU), each python instance taking its device from Triton
+    (``model_instance_device_id``, :func:`fish_s2.serving.runtime.on_instance_device`)."""
+    if not cfg.device.startswith("cuda"):
+        return {"dual_ar_instance_group": "{ count: 1 kind: KIND_CPU }",
+                "codec_instance_group": f"{{ count: {triton.codec_instances} kind: KIND_CPU }}"}
+    gpus = ", ".join(map(str, range(triton.gpus)))
+    return {"dual_ar_instance_group": f"{{ count: 1 kind: KIND_GPU gpus: [ {gpus} ] }}",
+            "codec_instance_group": f"{{ count: {triton.codec_instances} kind: KIND_GPU gpus: [ {gpus} ] }}"}
+
+
 def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict[str, int]) -> dict[str, dict[str, str]]:
     """Placeholder values per model."""
     codec_names = _codec_io_names(cfg)
     gen = [s.name for s in p.GENERATE_INPUTS]
     common = {"serving_config": FILE_NAME, "runtime": cfg.runtime, "device": cfg.device,
-              "codec_runtime": cfg.codec_runtime, **{k: str(v) for k, v in dataclasses.asdict(triton).items()}}
+              "codec_runtime": cfg.codec_runtime, **{k: str(v) for k, v in dataclasses.asdict(triton).items()},
+              **instance_groups(cfg, triton)}
     io = {
         p.TTS: (p.ENTRY_INPUTS, p.TTS_OUTPUTS), p.TTS_PIPELINE: (p.PIPELINE_INPUTS, p.TTS_OUTPUTS),
         p.PREPROCESS: (p.TTS_INPUTS, p.GENERATE_INPUTS),
@@ -277,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", required=True, help="export output directory")
     ap.add_argument("--out", required=True, help="model repository to write")
     ap.add_argument("--voices-dir", help="registered voices (default: ARTIFACTS/voices)")
+    ap.add_argument("--gpus", type=int, help="gpu profile: GPUs on the host, one engine each (= --set triton.gpus=N)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a serving.yaml setting (engine.max_active=4) or a triton.* setting")
     ap.add_argument("--templates", default=str(TEMPLATES))
@@ -288,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             memory = None if args.device_memory is None else parse_bytes(args.device_memory)
         except ValueError as e:
             raise ValueError(f"--device-memory: {e}") from None
-        cfg = generate(args.profile, args.checkpoint, args.artifacts, args.out, args.voices_dir,
-                       _parse_overrides(args.set), args.templates, memory)
+        overrides = _parse_overrides(args.set) | ({} if args.gpus is None else {"triton.gpus": args.gpus})
+        cfg = generate(args.profile, args.checkpoint, args.artifacts, args.out, args.voices_dir, overrides,
+                       args.templates, memory)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

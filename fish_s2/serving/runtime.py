@@ -42,6 +42,17 @@ def configure_threads(cfg: ServingConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def on_instance_device(cfg: ServingConfig, args: dict) -> ServingConfig:
+    """The settings of one Triton model instance: a KIND_GPU instance (instance_group ``gpus: [...]``, one
+    per GPU) runs on the GPU Triton gave it, ``cuda:<model_instance_device_id>``, made the current device
+    so code that says "cuda" gets it too; any other instance keeps ``cfg.device``."""
+    if args.get("model_instance_kind") != "GPU":
+        return cfg
+    device_id = int(args["model_instance_device_id"])
+    torch.cuda.set_device(device_id)
+    return dataclasses.replace(cfg, device=f"cuda:{device_id}")
+
+
 def load_text_side(cfg: ServingConfig) -> tuple[DualARConfig, S2Tokenizer]:
     return load_config(cfg.checkpoint)
 

@@ -14,7 +14,14 @@ admin key, which is also what the ``voices`` model asks for to register or delet
 comes from ``$FISH_S2_ADMIN_KEY`` or is generated at start and written to ``WORKDIR/admin-key`` (mode
 0600). ``open_admin`` (``--open-admin``) lifts the restriction, for operators who need it.
 
+Stopping: SIGTERM drains first (:mod:`fish_s2.serving.drain`): the drain flag ``WORKDIR/draining``
+(``FISH_S2_DRAIN_FILE`` of the server process) makes ``preprocess`` refuse new streams with
+UNAVAILABLE and :meth:`TritonServer.ready` report False, the streams in flight finish within
+``drain_grace_s``, and only then does tritonserver get SIGTERM (Triton 2.51 strands a stream that
+produces a response after it). Ctrl-C stops at once.
+
     python -m fish_s2.serving.server --repository DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+        [--drain-grace-s 90 --exit-timeout-s 30 --open-admin]
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import drain as drain_
 
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on the loopback interface (bound briefly, then released)."""
@@ -114,6 +122,7 @@ class TritonServer:
     tritonserver: Path | None = None        # default: `tritonserver` on PATH, else the nvidia-pytriton binary
     backend_dir: Path | None = None         # default: the binary's own (or, for the wheel's, built under workdir)
     exit_timeout_s: int = 30                # upper bound; the server exits as soon as its models unload
+    drain_grace_s: float = drain_.MAX_S     # SIGTERM / drain(): how long streams in flight may take to finish
     log_verbose: int = 0
     admin_key: str | None = None            # default: $FISH_S2_ADMIN_KEY, else generated (see admin_key_path)
     open_admin: bool = False                # True: Triton's admin protocols open to every client
@@ -148,6 +157,10 @@ class TritonServer:
     def log_path(self) -> Path:
         return Path(self.workdir) / "tritonserver.log"
 
+    @property
+    def drain_flag(self) -> Path:
+        return Path(self.workdir).resolve() / "draining"
+
     def command(self) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
         backends = self.backend_dir
@@ -160,6 +173,7 @@ class TritonServer:
         else:
             binary = Path(self.tritonserver)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env[drain_.FILE_ENV] = str(self.drain_flag)
         env["FISH_S2_ADMIN_KEY"] = self.admin_key      # the voices model checks register/delete against it
         restricted = [] if self.open_admin else [
             f"--grpc-restricted-protocol={','.join(self.ADMIN_PROTOCOLS)}:admin-key={self.admin_key}",
@@ -179,6 +193,7 @@ class TritonServer:
     def start(self, timeout_s: float = 300.0) -> "TritonServer":
         """Start and wait until every model is ready; on failure stop it and raise with the log's tail."""
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
+        self.drain_flag.unlink(missing_ok=True)       # left by an earlier drain
         self.admin_key_path.touch(mode=0o600)
         self.admin_key_path.chmod(0o600)
         self.admin_key_path.write_text(self.admin_key + "\n")
@@ -201,6 +216,9 @@ class TritonServer:
         return self
 
     def ready(self) -> bool:
+        """Triton is ready and the server is not draining."""
+        if self.drain_flag.exists():
+            return False
         try:
             with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/health/ready", timeout=2) as r:
                 return r.status == 200
@@ -210,9 +228,16 @@ class TritonServer:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def drain(self, grace_s: float | None = None, settle_s: float = 0.0, poll_s: float = drain_.POLL_S) -> str:
+        """Refuse new streams and wait for those in flight, up to ``grace_s`` (default ``drain_grace_s``);
+        "drained", "timeout" or "unreachable". Call :meth:`stop` next."""
+        return drain_.drain(self.metrics_url, self.drain_flag, settle_s,
+                            self.drain_grace_s if grace_s is None else grace_s, poll_s,
+                            lambda message: print(f"drain: {message}", flush=True))
+
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM (Triton finishes in-flight requests up to its exit timeout), then SIGKILL the process
-        group this object started."""
+        group this object started. Drain first (:meth:`drain`): a stream still running is cut."""
         if self._proc is None:
             return None
         proc, self._proc = self._proc, None
@@ -255,25 +280,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--open-admin", action="store_true",
                     help="leave Triton's admin protocols (model repository, logging, trace, shared memory) open to "
                          "every client; by default they need the admin key ($FISH_S2_ADMIN_KEY or WORKDIR/admin-key)")
+    add_stop_arguments(ap)
     args = ap.parse_args(argv)
     repo = Path(args.repository)
     server = TritonServer(repo, Path(args.workdir or repo.resolve().parent / "triton-run"), args.http_port,
                           args.grpc_port, args.metrics_port, args.host,
                           Path(args.tritonserver) if args.tritonserver else None,
-                          Path(args.backend_dir) if args.backend_dir else None, open_admin=args.open_admin)
+                          Path(args.backend_dir) if args.backend_dir else None,
+                          args.exit_timeout_s, drain_grace_s=args.drain_grace_s, open_admin=args.open_admin)
     return serve_until_interrupted(server)
+
+
+def add_stop_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--drain-grace-s", type=float, default=drain_.MAX_S,
+                    help="on SIGTERM, seconds the streams in flight may take to finish (default %(default)s)")
+    ap.add_argument("--exit-timeout-s", type=int, default=TritonServer.exit_timeout_s,
+                    help="tritonserver --exit-timeout-secs: unloading, after the drain (default %(default)s)")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: drain, then stop."""
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def serve_until_interrupted(server: TritonServer, sidecars: Sequence = ()) -> int:
     """Start (health-checked), run until Ctrl-C or SIGTERM, stop cleanly; the exit status.
 
     ``sidecars`` (objects with ``start()``/``stop()``, e.g. the OpenAI endpoint) start once Triton is
-    ready and stop before it."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    ready and stop before it. SIGTERM drains first (a second SIGTERM or Ctrl-C cuts the drain short)."""
+    signal.signal(signal.SIGTERM, _terminate)
     print(f"starting tritonserver (log: {server.log_path})", flush=True)
     started = []
     try:
@@ -298,7 +340,13 @@ def serve_until_interrupted(server: TritonServer, sidecars: Sequence = ()) -> in
         code = server.wait()
         print(f"error: tritonserver exited with {code}; log {server.log_path}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, _Terminated):
+            signal.signal(signal.SIGTERM, _interrupt)
+            try:   # the sidecars keep running: their streams are Triton streams, and new ones are refused
+                server.drain()
+            except KeyboardInterrupt:
+                pass
         print("stopping", flush=True)
         for sidecar in started:
             sidecar.stop()

@@ -5,10 +5,19 @@ and ``voice.json`` (transcript and sizes). A voice appears and disappears with o
 concurrent readers see it whole or not at all, and two registrations of one id cannot both win.
 Ids are checked against :data:`~fish_s2.serving.protocol.VOICE_ID` before any path is built, and
 the resulting path is checked to sit directly in the root.
+
+Several servers may share the folder (a ReadWriteMany volume): nothing is cached in memory, every
+:meth:`VoiceRegistry.get` reads the disk, so a voice registered on one server is found by the others
+on first use, and one deleted is gone for all once the delete returns. Files are written and synced
+in a private ``.tmp-*`` folder before the rename; a read opens the voice's folder once and reads
+both files through it, so a delete and re-register of the same id between the two reads can never
+mix two voices (the reader then sees the old voice whole, or NOT_FOUND).
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -62,24 +71,33 @@ class VoiceRegistry:
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            np.save(tmp / CODES_FILE, codes.astype(np.int32), allow_pickle=False)
-            (tmp / META_FILE).write_text(json.dumps({"text": text, "frames": int(codes.shape[1]),
-                                                     "num_codebooks": self.num_codebooks}))
+            buf = io.BytesIO()
+            np.save(buf, codes.astype(np.int32), allow_pickle=False)
+            _write_synced(tmp / CODES_FILE, buf.getvalue())
+            _write_synced(tmp / META_FILE, json.dumps({"text": text, "frames": int(codes.shape[1]),
+                                                       "num_codebooks": self.num_codebooks}).encode())
             os.rename(tmp, path)   # fails if another registration of this id won the race
-        except OSError:
+            _sync_dir(self.root)
+        except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if path.exists():
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) or path.exists():   # the id was taken at the rename
                 raise AlreadyExists("voice_id", f"{voice_id!r} is already registered; delete it first") from None
             raise
-        return self.get(voice_id)
+        return Voice(voice_id, text, codes.astype(np.int32))   # not re-read: a concurrent delete may already have won
 
     def get(self, voice_id: str) -> Voice:
         path = self._path(voice_id)
         try:
-            meta = json.loads((path / META_FILE).read_text())
-            codes = np.load(path / CODES_FILE, allow_pickle=False)
-        except FileNotFoundError:
-            raise NotFound("voice_id", f"unknown voice {voice_id!r}") from None
+            folder = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:   # both files through one folder handle: one version of the voice, even if renamed meanwhile
+                meta = json.loads(_read_at(folder, META_FILE))
+                codes = np.load(io.BytesIO(_read_at(folder, CODES_FILE)), allow_pickle=False)
+            finally:
+                os.close(folder)
+        except OSError as e:   # missing, being deleted, not a voice folder, or a stale NFS handle
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+                raise NotFound("voice_id", f"unknown voice {voice_id!r}") from None
+            raise
         if codes.ndim != 2 or codes.shape[0] != self.num_codebooks or codes.dtype.kind != "i":
             raise ValueError(f"voice {voice_id!r}: stored codes have shape {list(codes.shape)} "
                              f"({codes.dtype}), expected int [{self.num_codebooks}, T]")
@@ -104,3 +122,29 @@ class VoiceRegistry:
         except FileNotFoundError:
             raise NotFound("voice_id", f"unknown voice {voice_id!r}") from None
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: some filesystems cannot sync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_at(folder: int, name: str) -> bytes:
+    with open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=folder)) as f:
+        return f.read()

@@ -38,6 +38,7 @@ class CudaGraphSettings:
 @dataclass(frozen=True)
 class TrtllmSettings:
     max_num_tokens: int
+    tensor_parallel_size: int
     enable_chunked_prefill: bool
     disable_overlap_scheduler: bool
     kv_cache: KvCacheSettings
@@ -46,6 +47,11 @@ class TrtllmSettings:
     def validate(self, engine: EngineConfig) -> "TrtllmSettings":
         if self.max_num_tokens < 1:
             raise ValueError("max_num_tokens: must be >= 1")
+        if self.tensor_parallel_size != 1:   # the one place that knows; lift it when the model runs under MPI
+            raise ValueError(f"tensor_parallel_size: {self.tensor_parallel_size} needs TensorRT-LLM's multi-process "
+                             "(MPI) workers, one per rank, and the Fish S2 model runs only in the single-process "
+                             "worker (its model class and slot manager live in the dual_ar process); only 1 is "
+                             "supported. For more GPUs use one engine per GPU (repository --gpus N)")
         kv = self.kv_cache
         if kv.tokens_per_block < 1 or kv.tokens_per_block & (kv.tokens_per_block - 1):
             raise ValueError(f"kv_cache.tokens_per_block: must be a power of two, got {kv.tokens_per_block}")
@@ -73,6 +79,7 @@ class TrtllmSettings:
         return {
             "skip_tokenizer_init": True,        # prompts arrive as token ids; outputs are never detokenized
             "max_batch_size": engine.max_active,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "max_num_tokens": self.max_num_tokens,
             "max_seq_len": engine.max_seq_len,
             "enable_chunked_prefill": self.enable_chunked_prefill,

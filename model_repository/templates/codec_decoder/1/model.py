@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
-from fish_s2.serving.runtime import build_codec_decoder, configure_threads, warm_up_codec
+from fish_s2.serving.runtime import build_codec_decoder, configure_threads, on_instance_device, warm_up_codec
 
 
 class TritonPythonModel:
@@ -20,6 +20,7 @@ class TritonPythonModel:
         model_config, cfg = load_model_settings(args)
         check_io(model_config, protocol.CODEC_INPUTS, protocol.CODEC_OUTPUTS)
         configure_threads(cfg)
+        cfg = on_instance_device(cfg, args)      # one codec group per GPU: this instance's GPU
         self.decoder = build_codec_decoder(cfg)
         seconds = warm_up_codec(self.decoder, cfg)
         pb_utils.Logger.log_info(f"codec_decoder: warm-up done in {seconds:.2f} s")

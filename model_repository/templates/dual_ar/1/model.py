@@ -14,6 +14,8 @@ ready only once a request costs what later ones cost (:func:`fish_s2.serving.run
 ``execute`` only validates and hands requests to the engine; the engine's loop thread decodes and
 the dispatcher's response thread sends. Cancellation: the engine polls each request's response
 sender (direct calls), and STOP requests from tts (ensembles do not pass cancellation to a running step).
+With one instance per GPU a STOP may reach an instance that does not run its request; that one posts
+it for the others (:mod:`fish_s2.serving.stops`).
 """
 
 import threading
@@ -26,7 +28,8 @@ from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
 from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
-from fish_s2.serving.runtime import configure_threads, load_text_side, start_dual_ar
+from fish_s2.serving.runtime import configure_threads, load_text_side, on_instance_device, start_dual_ar
+from fish_s2.serving.stops import stop_board
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -39,12 +42,17 @@ class TritonPythonModel:
             raise ValueError("dual_ar: config.pbtxt must set model_transaction_policy { decoupled: true }")
         check_io(model_config, protocol.DUAL_AR_INPUTS, protocol.DUAL_AR_OUTPUTS)
         configure_threads(self.cfg)
+        self.cfg = on_instance_device(self.cfg, args)      # one engine per GPU: this instance's GPU
+        gpu = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
+        instance = {} if gpu is None else {"gpu": str(gpu)}  # tells the engines of one server apart in metrics
         codec_batch = int(model_config["parameters"]["codec_max_batch"]["string_value"])
         started = start_dual_ar(self.cfg, codec_batch, log=pb_utils.Logger.log_info)
         self.engine = started.engine
+        startup = started.plan.to_metrics() + [(metrics.WARMUP.name, {"model": "dual_ar"}, started.warmup_s)]
         self._startup_metrics = metrics.set_gauges(
-            pb_utils, started.plan.to_metrics() + [(metrics.WARMUP.name, {"model": "dual_ar"}, started.warmup_s)])
-        self.metrics = metrics.EngineMetrics(pb_utils)
+            pb_utils, [(name, {**labels, **instance}, value) for name, labels, value in startup])
+        self.metrics = metrics.EngineMetrics(pb_utils, instance)
+        self.stops = stop_board(model_config)             # several instances: a STOP may reach another one
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()
@@ -55,7 +63,8 @@ class TritonPythonModel:
             try:
                 gen = protocol.parse_generate_request(getter(pb_utils, request))
                 if isinstance(gen, protocol.StopRequest):
-                    self.engine.cancel(gen.request_id)
+                    if not self.engine.cancel(gen.request_id) and self.stops is not None:
+                        self.stops.post(gen.request_id)    # not this engine's: for the instance that runs it
                     sender.send(flags=FINAL)
                     continue
                 if isinstance(gen, protocol.AppendRequest):
@@ -65,10 +74,12 @@ class TritonPythonModel:
                         self.engine.append(gen.request_id, end=gen.end)
                     sender.send(flags=FINAL)
                     continue
+                is_cancelled = sender.is_cancelled if self.stops is None else \
+                    self.stops.check(gen.request_id, sender.is_cancelled)
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
                                     chunk_plan=gen.chunk_plan, request_id=gen.request_id, turns=gen.turns,
                                     open_input=gen.open_input,
-                                    is_cancelled=sender.is_cancelled)
+                                    is_cancelled=is_cancelled)
                 self.dispatch.submit(req, (sender, gen.format_code, gen.start_ns))
             except Exception as e:  # typed errors keep their code (invalid, busy, unavailable); others: internal
                 sender.send(error_response(pb_utils, e), flags=FINAL)
@@ -96,6 +107,8 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)
+            if self.stops is not None:
+                self.stops.clear(event.request_id)
 
     def _warm_registered_voices(self):
         """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""

@@ -6,7 +6,8 @@ FIRST_CHUNK_FRAMES, CHUNK_FRAMES, CONTEXT_FRAMES; SAMPLE_FORMAT; CHUNK_LENGTH), 
 Outputs: a complete generation request for dual_ar (PROMPT [rows, T] with a dialogue's later turn
 batches appended and TURN_STARTS where each starts, PREFIX_LEN = the system block with every voice,
 the resolved sampling and chunk settings, FORMAT_CODE, START_NS). Bad input gets an INVALID_ARG error
-naming the field.
+naming the field; while the replica drains (:mod:`fish_s2.serving.drain`) every request gets
+UNAVAILABLE, so clients retry elsewhere.
 """
 
 import time
@@ -18,6 +19,7 @@ from fish_s2.prompt import PromptBuilder, Reference
 from fish_s2.request import InvalidArgument
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors
+from fish_s2.serving.drain import drain_file, refuse_if_draining
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
 from fish_s2.serving.voices import VoiceRegistry
 
@@ -32,6 +34,7 @@ class TritonPythonModel:
         self.voices = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
         self.limits = self.cfg.limits()
+        self.drain_flag = drain_file()
 
     def execute(self, requests):
         responses = []
@@ -44,6 +47,7 @@ class TritonPythonModel:
         return responses
 
     def _prepare(self, request, start_ns: int) -> dict:
+        refuse_if_draining(self.drain_flag)
         req = protocol.parse_tts_request(getter(pb_utils, request), self.limits)
         if req.reference is not None:
             codes = self.encoder(req.reference.audio, req.reference.sample_rate)

@@ -33,7 +33,7 @@ def compare(url: str, level: int, requests: int, max_frames: int, margin: float,
                        "--mode", "shared", "--max-frames", str(max_frames), "--tag", "compare",
                        *(["--admin-key-file", admin_key_file] if admin_key_file else []),
                        "--out", str(HERE / "results")])
-    texts = [t for t in loadgen.CORPUS.read_text().splitlines() if t.strip()]
+    texts = loadgen.read_corpus()
     pa = perf_analyzer_sweep.run(url, [level], texts, loadgen.SHARED_VOICE, max_frames, requests)
     lg_p50 = lg["levels"][0]["ttfa_s"]["p50"]
     pa_p50 = pa["levels"][0]["first_response_s"]["p50"]

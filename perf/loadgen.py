@@ -11,7 +11,11 @@ of Triton's own inference statistics over the level. Two prompt modes:
           (the fair mode against prefix caching: each request pays reference encoding + prefill);
   shared  every request uses one voice registered up front (its KV prefix is cached);
   voices  --voices voices registered up front, one picked at random (seeded by the request's index)
-          per request.
+          per request;
+  dialogue  --voices voices registered up front; each request is a dialogue of 2-4 of them (random per
+          request) over 3-8 speaker turns made of corpus lines, chunk_length 100, so that its batches
+          follow one another in one stream: the playback gap then includes what each turn boundary
+          costs (the next turn's prefill), next to the time to first audio.
 
 Fleet benchmark: several comma-separated --url endpoints make the client route across replicas
 (fish_s2.routing). --routing runs the same sweep once per policy (affinity: the same voice on the
@@ -46,9 +50,11 @@ import numpy as np
 
 from fish_s2.client import AsyncTTSClient, TTSClient
 from fish_s2.request import Player, RequestError
+from fish_s2.request.dialogue import speakers
 from fish_s2.routing import parse_endpoints
 
-CORPUS = Path(__file__).with_name("corpus.txt")
+from corpus import CORPUS, read_corpus
+
 SHARED_VOICE = "loadgen-shared"
 
 
@@ -119,10 +125,24 @@ def request_fields(mode: str, i: int, args) -> dict:
         fields["voice_id"] = SHARED_VOICE
     elif mode == "voices":     # random, not cyclic: a cycle would line up with round robin's
         fields["voice_id"] = args.voice_ids[random.Random(i).randrange(len(args.voice_ids))]
+    elif mode == "dialogue":
+        rng = random.Random(i)
+        fields["voice_id"] = rng.sample(args.voice_ids, rng.randint(2, min(4, len(args.voice_ids))))
+        fields["chunk_length"] = 100
     else:
         audio, rate, text = reference_voice(i)
         fields.update(reference_audio=audio, reference_sample_rate=rate, reference_text=text)
     return fields
+
+
+def request_text(mode: str, i: int, texts: list[str], args) -> str:
+    """The text of request i: a corpus line, or (dialogue) 3-8 lines as turns of its speakers in turn."""
+    if mode != "dialogue":
+        return texts[i % len(texts)]
+    n = len(request_fields(mode, i, args)["voice_id"])
+    lines = [t for t in texts if not speakers(t)]
+    rng = random.Random(-i)
+    return " ".join(f"<|speaker:{t % n}|>{lines[rng.randrange(len(lines))]}" for t in range(rng.randint(3, 8)))
 
 
 async def run_level(url: str, concurrency: int, texts: list[str], args, offset: int,
@@ -146,7 +166,8 @@ async def run_level(url: str, concurrency: int, texts: list[str], args, offset: 
         async def worker():
             while (i := take()) is not None:
                 k = offset + i
-                samples.append(await one_request(client, texts[k % len(texts)], request_fields(args.mode, k, args)))
+                samples.append(await one_request(client, request_text(args.mode, k, texts, args),
+                                                 request_fields(args.mode, k, args)))
 
         t = time.perf_counter()
         deadline = t + (args.duration or 0)
@@ -314,7 +335,7 @@ def sweep(args, policy: str, levels: list[int], texts: list[str], command: str) 
     args = argparse.Namespace(**vars(args), voice_ids=[f"loadgen-{args.tag}-{policy}-{n}" for n in range(args.voices)])
     if args.mode == "shared":
         prepare_voices(args.url, [SHARED_VOICE], args.admin_key, policy)
-    elif args.mode == "voices":
+    elif args.mode in ("voices", "dialogue"):
         prepare_voices(args.url, args.voice_ids, args.admin_key, policy)
     if args.warmup:
         warm = argparse.Namespace(**{**vars(args), "requests": args.warmup, "duration": None})
@@ -355,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=32, help="requests per level (closed loop)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the sweep")
-    ap.add_argument("--mode", choices=("unique", "shared", "voices"), default="shared")
+    ap.add_argument("--mode", choices=("unique", "shared", "voices", "dialogue"), default="shared")
     ap.add_argument("--voices", type=int, default=4, help="mode voices: how many voices (default 4)")
     ap.add_argument("--max-frames", type=int, default=64)
     ap.add_argument("--corpus", default=str(CORPUS))
@@ -364,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--note", help="how the servers were set up (written under the command)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-    texts = [t for t in Path(args.corpus).read_text().splitlines() if t.strip()]
+    texts = read_corpus(args.corpus, voices=1)    # dialogue mode: untagged lines become its turns
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:      # recorded on its own
         del given[given.index("--note"):given.index("--note") + 2]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from corpus import CORPUS, read_corpus
+
 HERE = Path(__file__).parent
 PERF_ANALYZER = HERE / ".bin" / "perf_analyzer"
 
@@ -31,7 +33,7 @@ def input_data(texts: list[str], voice: str | None, max_frames: int, n: int) -> 
     for i in range(n):
         entry = {"TEXT": [texts[i % len(texts)]], "SEED": [i], "MAX_FRAMES": [max_frames]}
         if voice:
-            entry["VOICE_ID"] = [voice]
+            entry["VOICE_ID"] = {"content": [voice], "shape": [1]}   # a voice list [-1]: its shape given
         data.append(entry)
     return {"data": data}
 
@@ -110,11 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=16, help="requests measured per level")
     ap.add_argument("--voice", default=None, help="registered voice id (default: no reference voice)")
     ap.add_argument("--max-frames", type=int, default=64)
-    ap.add_argument("--corpus", default=str(HERE / "corpus.txt"))
+    ap.add_argument("--corpus", default=str(CORPUS))
     ap.add_argument("--tag", default="sweep")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    texts = [t for t in Path(args.corpus).read_text().splitlines() if t.strip()]
+    texts = read_corpus(args.corpus)
     result = run(args.url, [int(c) for c in args.concurrency.split(",")], texts, args.voice, args.max_frames,
                  args.requests)
     result["command"] = "python perf/perf_analyzer_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])

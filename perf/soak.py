@@ -33,8 +33,9 @@ from fish_s2.client import AsyncTTSClient, TTSClient
 from fish_s2.request import RequestError
 from fish_s2.serving.server import process_tree
 
+from corpus import read_corpus
+
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE / "corpus.txt"
 TOLERANCE = 1e-5
 
 
@@ -53,7 +54,7 @@ def memory(root: int) -> dict[str, int]:
 
 
 def jobs(n: int, max_frames: int) -> list[dict]:
-    texts = [t for t in CORPUS.read_text().splitlines() if t.strip()]
+    texts = read_corpus()
     return [{"text": texts[i % len(texts)], "seed": 1000 + i, "max_frames": max_frames} for i in range(n)]
 
 

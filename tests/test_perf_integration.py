@@ -117,7 +117,7 @@ def test_loadgen_sweep_and_perf_analyzer_agree(server, tmp_path):
         assert lv["audio_s_per_s"] > 0 and lv["triton_stats_delta"]["tts"]["success"] >= 6
         assert lv["playback_gap_s"]["n"] == 6 and 0 <= lv["streams_with_gap"] <= 6
     binary = install(tmp_path / "bin")
-    texts = [t for t in loadgen.CORPUS.read_text().splitlines() if t.strip()]
+    texts = loadgen.read_corpus()
     pa = perf_analyzer_sweep.run(server.grpc_url, [1], texts, loadgen.SHARED_VOICE, 24, 6, binary=binary)
     p50 = pa["levels"][0]["first_response_s"]["p50"]
     # same server, same level: the two measurements of time to first audio agree (make perf-compare checks
@@ -143,3 +143,14 @@ def test_voices_mode_reports_the_replicas_prefix_cache(server, tmp_path):
     rep = level["replicas"][server.grpc_url]
     assert rep["prefix_hits"] + rep["prefix_misses"] == 4 and level["prefix_hit_rate"] == rep["prefix_hits"] / 4
     assert level["prefix_hit_rate"] == 1.0          # registering warmed both voices
+
+
+def test_dialogue_mode_streams_multi_voice_dialogues(server, tmp_path):
+    text = loadgen.request_text("dialogue", 5, loadgen.read_corpus(), loadgen.argparse.Namespace(
+        voice_ids=["a", "b", "c"], max_frames=4))
+    assert 3 <= text.count("<|speaker:") <= 8 and text.startswith("<|speaker:0|>")
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "1,2", "--requests", "3", "--warmup", "0", "--max-frames", "4",
+                           "--mode", "dialogue", "--voices", "3", "--tag", "d", "--out", str(tmp_path)])
+    for level in result["levels"]:
+        assert level["errors"] == 0 and level["requests"] == 3 and level["playback_gap_s"]["n"] == 3

@@ -53,6 +53,7 @@ class AudioChunk:
     audio: np.ndarray          # float32 in [-1, 1], or int16 PCM
     sample_rate: int
     request_id: str
+    turn: int = 0              # the turn batch of its last frame (a dialogue's batch, a session's segment)
 
 
 class ChunkReorderer:
@@ -171,7 +172,7 @@ def _parse(response: service_pb2.ModelStreamInferResponse) -> tuple[AudioChunk |
     if audio.size == 0:
         audio = result.as_numpy("AUDIO_INT16")
     chunk = AudioChunk(int(result.as_numpy("CHUNK_INDEX")[0]), audio, int(result.as_numpy("SAMPLE_RATE")[0]),
-                       result.as_numpy("REQUEST_ID")[0].decode())
+                       result.as_numpy("REQUEST_ID")[0].decode(), int(result.as_numpy("TURN_INDEX")[0]))
     return chunk, final
 
 

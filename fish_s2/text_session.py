@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from .client import AsyncTTSClient, AudioChunk
@@ -35,6 +36,8 @@ class TextSession:
         self._segments: asyncio.Queue = asyncio.Queue()   # str, then None at the end of input
         self.input_ended = False
         self.ended_by_server = False    # the server ended the stream before the input ended (its frame limit)
+        self.segments: list[str] = []         # every segment cut so far ...
+        self.segment_times: list[float] = []  # ... and when (time.perf_counter()): its last text arrived
 
     async def send_text(self, delta: str) -> None:
         await self._put(self.segmenter.push(delta))
@@ -56,6 +59,8 @@ class TextSession:
 
     async def _put(self, segments: list[str]) -> None:
         for segment in segments:
+            self.segments.append(segment)
+            self.segment_times.append(time.perf_counter())
             await self._segments.put(segment)
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:

@@ -12,6 +12,11 @@ of Triton's own inference statistics over the level. Two prompt modes:
   shared  every request uses one voice registered up front (its KV prefix is cached);
   voices  --voices voices registered up front, one picked at random (seeded by the request's index)
           per request;
+  session  a text session per request (fish_s2.text_session.TextSession: one stream, each sentence
+          appended to the running request), its text (2-4 untagged corpus lines) fed word by word at
+          --words-per-s, as a language model writes: per segment the time from its last word to the
+          first chunk of its turn, and the playback gap split into waits within a segment and waits
+          at a change of segment;
   dialogue  --voices voices registered up front; each request is a dialogue of 2-4 of them (random per
           request) over 3-8 speaker turns made of corpus lines, chunk_length 100, so that its batches
           follow one another in one stream: the playback gap then includes what each turn boundary
@@ -52,6 +57,7 @@ from fish_s2.client import AsyncTTSClient, TTSClient
 from fish_s2.request import Player, RequestError
 from fish_s2.request.dialogue import speakers
 from fish_s2.routing import parse_endpoints
+from fish_s2.text_session import TextSession
 
 from corpus import CORPUS, read_corpus
 
@@ -69,6 +75,9 @@ class Sample:
     audio_s: float = 0.0
     gap: float = 0.0          # playback gap of the stream (seconds)
     error: str | None = None
+    segment_first_audio: list[float] | None = None   # session mode: per segment, last word -> first audio
+    gap_within: float = 0.0   # session mode: waits for a chunk of the same segment as the chunk before
+    gap_between: float = 0.0  # session mode: waits at a change of segment
 
     @property
     def rtf(self) -> float | None:
@@ -119,9 +128,52 @@ async def one_request(client: AsyncTTSClient, text: str, fields: dict) -> Sample
     return s
 
 
+async def session_request(client: AsyncTTSClient, text: str, fields: dict, words_per_s: float) -> Sample:
+    """A text session fed word by word at ``words_per_s``; see the module's session mode."""
+    t0 = time.perf_counter()
+    s = Sample(ok=False)
+    session = TextSession(client, **fields)
+
+    async def feed():
+        for word in text.split(" "):
+            await session.send_text(word + " ")
+            await asyncio.sleep(1 / words_per_s)
+        await session.end()
+
+    feeder = asyncio.create_task(feed())
+    arrivals, samples, rate, player, last_turn = [], 0, 1, Player(), 0
+    try:
+        async for chunk in session.chunks():
+            now = time.perf_counter()
+            arrivals.append((chunk.turn, now))
+            samples += chunk.audio.size
+            rate = chunk.sample_rate
+            wait = player.add(now - t0, chunk.audio.size / rate)
+            if chunk.turn != last_turn:
+                s.gap_between += wait
+            else:
+                s.gap_within += wait
+            last_turn = chunk.turn
+        await feeder
+        s.total = time.perf_counter() - t0
+        s.first = arrivals[0][1] - t0 if arrivals else None
+        s.second = arrivals[1][1] - t0 if len(arrivals) > 1 else None
+        s.audio_s, s.gap, s.ok = samples / rate, player.gap, bool(arrivals)
+        # a segment's first audio: the first chunk whose last frame is of its turn or a later one
+        s.segment_first_audio = [next(t for turn, t in arrivals if turn >= k) - cut
+                                 for k, cut in enumerate(session.segment_times) if any(a[0] >= k for a in arrivals)]
+        if not s.ok:
+            s.error = "no audio"
+    except RequestError as e:
+        s.error = str(e)
+    finally:
+        feeder.cancel()
+    return s
+
+
 def request_fields(mode: str, i: int, args) -> dict:
     fields = {"seed": i, "max_frames": args.max_frames}
-    if mode == "shared":
+    if mode in ("shared", "session"):
         fields["voice_id"] = SHARED_VOICE
     elif mode == "voices":     # random, not cyclic: a cycle would line up with round robin's
         fields["voice_id"] = args.voice_ids[random.Random(i).randrange(len(args.voice_ids))]
@@ -137,6 +189,10 @@ def request_fields(mode: str, i: int, args) -> dict:
 
 def request_text(mode: str, i: int, texts: list[str], args) -> str:
     """The text of request i: a corpus line, or (dialogue) 3-8 lines as turns of its speakers in turn."""
+    if mode == "session":
+        lines = [t for t in texts if not speakers(t)]
+        rng = random.Random(-i)
+        return " ".join(lines[rng.randrange(len(lines))] for _ in range(rng.randint(2, 4)))
     if mode != "dialogue":
         return texts[i % len(texts)]
     n = len(request_fields(mode, i, args)["voice_id"])
@@ -166,8 +222,9 @@ async def run_level(url: str, concurrency: int, texts: list[str], args, offset: 
         async def worker():
             while (i := take()) is not None:
                 k = offset + i
-                samples.append(await one_request(client, request_text(args.mode, k, texts, args),
-                                                 request_fields(args.mode, k, args)))
+                text, fields = request_text(args.mode, k, texts, args), request_fields(args.mode, k, args)
+                samples.append(await (session_request(client, text, fields, args.words_per_s)
+                                      if args.mode == "session" else one_request(client, text, fields)))
 
         t = time.perf_counter()
         deadline = t + (args.duration or 0)
@@ -237,7 +294,11 @@ def summarize(samples: list[Sample], wall: float, concurrency: int) -> dict:
             "ttfa_s": percentiles([s.first for s in ok]),
             "second_chunk_s": percentiles([s.second for s in ok if s.second is not None]),
             "total_s": percentiles([s.total for s in ok]), "rtf": percentiles([s.rtf for s in ok if s.rtf]),
-            "playback_gap_s": percentiles([s.gap for s in ok]), "streams_with_gap": sum(s.gap > 0 for s in ok)}
+            "playback_gap_s": percentiles([s.gap for s in ok]), "streams_with_gap": sum(s.gap > 0 for s in ok),
+            **({} if not any(s.segment_first_audio is not None for s in ok) else {
+                "segment_first_audio_s": percentiles([x for s in ok for x in s.segment_first_audio]),
+                "gap_within_segments_s": percentiles([s.gap_within for s in ok]),
+                "gap_between_segments_s": percentiles([s.gap_between for s in ok])})}
 
 
 def markdown(result: dict, header: bool = True) -> str:
@@ -257,6 +318,13 @@ def markdown(result: dict, header: bool = True) -> str:
                      f"{ms(t, 'p99')} | {ms(s2, 'p50')}/{ms(s2, 'p90')} | {ms(tot, 'p50')}/{ms(tot, 'p99')} | {rtf} | "
                      f"{ms(g, 'p50')}/{ms(g, 'p90')} ({lv['streams_with_gap']}) | "
                      f"{lv['audio_s_per_s']:.2f} | {lv['requests_per_s']:.2f} |")
+    if "segment_first_audio_s" in result["levels"][0]:
+        lines += ["", "| concurrency | segment: last word -> first audio p50/p90/p99 ms (segments) | gap within "
+                  "segments p50/p90 ms | gap at segment changes p50/p90 ms |", "|---|---|---|---|"]
+        for lv in result["levels"]:
+            f, w, b = lv["segment_first_audio_s"], lv["gap_within_segments_s"], lv["gap_between_segments_s"]
+            lines.append(f"| {lv['concurrency']} | {ms(f, 'p50')}/{ms(f, 'p90')}/{ms(f, 'p99')} ({f['n']}) | "
+                         f"{ms(w, 'p50')}/{ms(w, 'p90')} | {ms(b, 'p50')}/{ms(b, 'p90')} |")
     base = result["levels"][0]["audio_s_per_s"]
     if base:
         lines.append("\nThroughput relative to the first level: " + ", ".join(
@@ -333,7 +401,7 @@ def sweep(args, policy: str, levels: list[int], texts: list[str], command: str) 
     if metrics_urls is not None and len(metrics_urls) != len(endpoints):
         raise SystemExit("--metrics-url: give one per --url endpoint, in the same order")
     args = argparse.Namespace(**vars(args), voice_ids=[f"loadgen-{args.tag}-{policy}-{n}" for n in range(args.voices)])
-    if args.mode == "shared":
+    if args.mode in ("shared", "session"):
         prepare_voices(args.url, [SHARED_VOICE], args.admin_key, policy)
     elif args.mode in ("voices", "dialogue"):
         prepare_voices(args.url, args.voice_ids, args.admin_key, policy)
@@ -376,7 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=32, help="requests per level (closed loop)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
     ap.add_argument("--warmup", type=int, default=2, help="untimed requests before the sweep")
-    ap.add_argument("--mode", choices=("unique", "shared", "voices", "dialogue"), default="shared")
+    ap.add_argument("--mode", choices=("unique", "shared", "voices", "dialogue", "session"), default="shared")
+    ap.add_argument("--words-per-s", type=float, default=15.0,
+                    help="session mode: how fast the text is written (words per second)")
     ap.add_argument("--voices", type=int, default=4, help="mode voices: how many voices (default 4)")
     ap.add_argument("--max-frames", type=int, default=64)
     ap.add_argument("--corpus", default=str(CORPUS))

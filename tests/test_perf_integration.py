@@ -154,3 +154,14 @@ def test_dialogue_mode_streams_multi_voice_dialogues(server, tmp_path):
                            "--mode", "dialogue", "--voices", "3", "--tag", "d", "--out", str(tmp_path)])
     for level in result["levels"]:
         assert level["errors"] == 0 and level["requests"] == 3 and level["playback_gap_s"]["n"] == 3
+
+
+def test_session_mode_reports_segment_latency_and_gaps(server, tmp_path):
+    result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
+                           "--concurrency", "2", "--requests", "2", "--warmup", "0", "--max-frames", "6",
+                           "--mode", "session", "--words-per-s", "40", "--tag", "s", "--out", str(tmp_path)])
+    level = result["levels"][0]
+    assert level["errors"] == 0 and level["requests"] == 2
+    assert level["segment_first_audio_s"]["n"] >= 4 and level["segment_first_audio_s"]["p50"] > 0
+    assert level["gap_within_segments_s"]["n"] == 2 == level["gap_between_segments_s"]["n"]
+    assert "last word -> first audio" in (tmp_path / "loadgen_s_session.md").read_text()

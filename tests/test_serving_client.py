@@ -69,9 +69,9 @@ def test_stream_responses():
     assert _parse(_response(True)) == (None, True)
     outputs = {"AUDIO": np.zeros(0, np.float32), "AUDIO_INT16": np.array([1, -2], np.int16),
                "CHUNK_INDEX": np.array([4], np.int32), "SAMPLE_RATE": np.array([44100], np.int32),
-               "REQUEST_ID": np.array([b"abc"], dtype=object)}
+               "REQUEST_ID": np.array([b"abc"], dtype=object), "TURN_INDEX": np.array([2], np.int32)}
     chunk, final = _parse(_response(False, outputs))
-    assert not final and (chunk.index, chunk.sample_rate, chunk.request_id) == (4, 44100, "abc")
+    assert not final and (chunk.index, chunk.sample_rate, chunk.request_id, chunk.turn) == (4, 44100, "abc", 2)
     assert chunk.audio.dtype == np.int16 and chunk.audio.tolist() == [1, -2]
     with pytest.raises(InvalidArgument, match="text: must not be empty"):
         _parse(_response(False, error="in ensemble 'tts', text: must not be empty [fish-s2:INVALID_ARGUMENT]"))

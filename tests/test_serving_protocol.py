@@ -174,9 +174,9 @@ def test_stop_requests():
 
 
 @pytest.mark.parametrize("meta, message", [
-    (None, "chunk_meta: expected 4 integers"), (np.arange(3), "chunk_meta: expected 4 integers"),
-    (np.array([0.5, 1, 0, 0]), "chunk_meta: expected 4 integers"), (np.array([0, 1, 7, 0]), "chunk_meta: must be in"),
-    (np.array([-1, 1, 0, 0]), "chunk_meta: must be in")])
+    (None, "chunk_meta: expected 5 integers"), (np.arange(4), "chunk_meta: expected 5 integers"),
+    (np.array([0.5, 1, 0, 0, 0]), "chunk_meta: expected 5 integers"), (np.array([0, 1, 7, 0, 0]), "chunk_meta: must be in"),
+    (np.array([-1, 1, 0, 0, 0]), "chunk_meta: must be in"), (np.array([0, 1, 0, 0, -2]), "chunk_meta: must be in")])
 def test_internal_inputs_are_validated(meta, message):
     with pytest.raises(InvalidArgument, match=message):
         p.ChunkMeta.unpack(meta)
@@ -187,7 +187,7 @@ def test_internal_inputs_are_validated(meta, message):
 
 
 def test_chunk_meta_and_pcm16():
-    meta = p.ChunkMeta(3, 25, 1, 1 << 60)
+    meta = p.ChunkMeta(3, 25, 1, 1 << 60, 2)
     assert p.ChunkMeta.unpack(meta.pack()) == meta
     assert p.to_pcm16(np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0])).tolist() == [-32767, -32767, 0, 16384, 32767, 32767]
 

@@ -176,6 +176,8 @@ def test_two_voice_dialogue_streams_as_one_request(client, deployment, tiny):
                   chunk_frames=PLAN.chunk_frames, context_frames=PLAN.context_frames)
     chunks = list(client.stream(DIALOGUE, **fields))
     assert [c.index for c in chunks] == list(range(len(chunks))) == [c.index for c in expected_chunks]
+    turns = [c.turn for c in chunks]               # each chunk names the batch of its last frame
+    assert turns == sorted(turns) and turns[0] == 0 and turns[-1] == 1
     audio = np.concatenate([c.audio for c in chunks])
     assert audio.size == done.n_frames * tiny.codec.frame_length == 17 * tiny.codec.frame_length  # 8 + 9 frames
     assert np.allclose(audio, expected, atol=1e-4), np.abs(audio - expected).max()

@@ -17,6 +17,7 @@ class ChunkEvent:
     request_id: str
     chunk: CodeChunk
     seconds_since_submit: float
+    turn: int = 0                      # the turn batch of the chunk's last frame (dialogues, sessions)
 
 
 @dataclass

@@ -146,7 +146,7 @@ class Lifecycle:
         self.frames_generated += 1
         chunk = live.chunker.push(codes)
         if chunk is not None:
-            self.send(live, ChunkEvent(live.request_id, chunk, time.perf_counter() - live.t_submit))
+            self.send(live, ChunkEvent(live.request_id, chunk, time.perf_counter() - live.t_submit, live.turn))
 
     def send(self, live: Live, event: ChunkEvent) -> None:
         with live.lock:
@@ -171,7 +171,8 @@ class Lifecycle:
             try:
                 last = live.chunker.flush() if reason in ("stop", "length") else None
                 if last is not None:
-                    self._deliver(live, ChunkEvent(live.request_id, last, time.perf_counter() - live.t_submit))
+                    self._deliver(live, ChunkEvent(live.request_id, last, time.perf_counter() - live.t_submit,
+                                                   live.turn))
             finally:
                 self._deliver(live, Finished(live.request_id, reason, live.n_frames, error))
         return True

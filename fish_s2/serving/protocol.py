@@ -93,6 +93,7 @@ TTS_OUTPUTS = (                       # = postprocess outputs; one response per 
     _s("CHUNK_INDEX", np.int32),
     _s("SAMPLE_RATE", np.int32),
     _s("REQUEST_ID", np.object_),             # server-generated
+    _s("TURN_INDEX", np.int32),               # the turn batch (dialogue batch, session segment) of its last frame
 )
 
 # ---------------------------------------------------------------- tts_pipeline (ensemble) = what tts relays
@@ -123,7 +124,7 @@ DUAL_AR_INPUTS = GENERATE_INPUTS + (_s("REQUEST_ID", np.object_, optional=True),
                                     _s("APPEND", np.bool_, optional=True), _s("END_INPUT", np.bool_, optional=True))
 DUAL_AR_OUTPUTS = (
     _s("CODES", np.int64, ("codebooks", -1)),             # [codebooks, context + new frames]
-    _s("CHUNK_META", np.int64, (4,)),                     # see ChunkMeta
+    _s("CHUNK_META", np.int64, (5,)),                     # see ChunkMeta
     _s("REQUEST_ID", np.object_),
 )
 
@@ -132,7 +133,7 @@ CODEC_INPUTS = (_s("CODES", np.int64, ("codebooks", -1)),)
 CODEC_OUTPUTS = (_s("AUDIO", np.float32, (-1,)),)          # context + new frames, frame_length samples each
 POSTPROCESS_INPUTS = (
     _s("DECODED", np.float32, (-1,)),
-    _s("CHUNK_META", np.int64, (4,)),
+    _s("CHUNK_META", np.int64, (5,)),
     _s("REQUEST_ID", np.object_),
 )
 
@@ -150,27 +151,29 @@ VOICES_OUTPUTS = (_s("VOICES", np.object_, (-1,)),)       # one JSON object per 
 
 @dataclass(frozen=True)
 class ChunkMeta:
-    """Per-chunk facts that travel from dual_ar to postprocess as one INT64 [4] tensor."""
+    """Per-chunk facts that travel from dual_ar to postprocess as one INT64 [5] tensor."""
 
     index: int
     context_frames: int
     format_code: int
     start_ns: int
+    turn: int = 0           # the turn batch of the chunk's last frame (a dialogue's or a session's)
 
     def pack(self) -> np.ndarray:
-        return np.array([self.index, self.context_frames, self.format_code, self.start_ns], dtype=np.int64)
+        return np.array([self.index, self.context_frames, self.format_code, self.start_ns, self.turn], dtype=np.int64)
 
     @classmethod
     def unpack(cls, a: np.ndarray | None) -> "ChunkMeta":
         values = None if a is None else np.asarray(a).reshape(-1)
-        if values is None or values.size != 4 or values.dtype.kind not in "iu":
-            raise InvalidArgument("chunk_meta", f"expected 4 integers [index, context frames, format code, start ns], "
-                                                f"got {None if a is None else f'{values.dtype} {list(np.shape(a))}'}")
-        index, context, fmt, start = (int(v) for v in values)
+        if values is None or values.size != 5 or values.dtype.kind not in "iu":
+            raise InvalidArgument("chunk_meta", f"expected 5 integers [index, context frames, format code, start ns, "
+                                                f"turn], got {None if a is None else f'{values.dtype} {list(np.shape(a))}'}")
+        index, context, fmt, start, turn = (int(v) for v in values)
         integer("chunk_meta", index, 0, 1 << 31)
         integer("chunk_meta", context, 0, 1 << 16)
         integer("chunk_meta", fmt, 0, len(SAMPLE_FORMATS) - 1)
-        return cls(index, context, fmt, start)
+        integer("chunk_meta", turn, 0, 1 << 31)
+        return cls(index, context, fmt, start, turn)
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
@@ -520,7 +523,7 @@ def announce_tensors(request_id: str) -> dict[str, np.ndarray]:
     """The first response of a session's stream: its id, no audio (CHUNK_INDEX SESSION_ANNOUNCE_INDEX)."""
     return {"AUDIO": np.zeros(0, np.float32), "AUDIO_INT16": np.zeros(0, np.int16),
             "CHUNK_INDEX": np.array([SESSION_ANNOUNCE_INDEX], np.int32), "SAMPLE_RATE": np.array([0], np.int32),
-            "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
+            "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_), "TURN_INDEX": np.array([0], np.int32)}
 
 
 def append_tensors(request_id: str, text: str | None, end: bool) -> dict[str, np.ndarray]:

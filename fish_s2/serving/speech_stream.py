@@ -10,7 +10,7 @@ Messages (JSON text frames). The client sends::
     {"type": "end"}                                   (no more text; the session ends when it is spoken)
 
 and receives ``{"type": "started"}``, then per chunk ``{"type": "audio", "index": i,
-"samples": n, "sample_rate": 44100}`` followed by a binary frame of n 16-bit little-endian samples (``"audio": "pcm"``) or
+"samples": n, "sample_rate": 44100, "segment": k}`` (k: the segment of the chunk's last frame) followed by a binary frame of n 16-bit little-endian samples (``"audio": "pcm"``) or
 ``{"type": "audio", "index": i, "samples": n, "data": "<base64>"}``, then one
 ``{"type": "done", "reason": "end" | "limit" | "cancelled" | "error", ...}`` (with ``error``, ``field``
 and ``code`` for an error), after which the server closes the socket. Text is cut into segments by
@@ -189,7 +189,8 @@ class _Session:
         async for chunk in session.chunks():
             pcm = chunk.audio if chunk.audio.dtype.kind == "i" else protocol.to_pcm16(chunk.audio)
             data = pcm.astype("<i2").tobytes()
-            header = {"type": "audio", "index": chunk.index, "samples": int(pcm.size), "sample_rate": chunk.sample_rate}
+            header = {"type": "audio", "index": chunk.index, "samples": int(pcm.size), "sample_rate": chunk.sample_rate,
+                      "segment": chunk.turn}
             if mode == "base64":
                 await self.ws.send_json({**header, "data": base64.b64encode(data).decode()})
             else:

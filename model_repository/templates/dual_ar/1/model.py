@@ -90,7 +90,7 @@ class TritonPythonModel:
         sender, format_code, start_ns = stream.context
         if isinstance(event, ChunkEvent):
             chunk = event.chunk
-            meta = protocol.ChunkMeta(chunk.index, chunk.context, format_code, start_ns)
+            meta = protocol.ChunkMeta(chunk.index, chunk.context, format_code, start_ns, event.turn)
             outputs = {"CODES": chunk.codes, "CHUNK_META": meta.pack(),
                        "REQUEST_ID": np.array([stream.request_id.encode()], dtype=np.object_)}
             try:

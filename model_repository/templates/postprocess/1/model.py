@@ -54,7 +54,8 @@ class TritonPythonModel:
                 "AUDIO_INT16": protocol.to_pcm16(samples) if pcm16 else np.zeros(0, np.int16),
                 "CHUNK_INDEX": np.array([meta.index], np.int32),
                 "SAMPLE_RATE": np.array([self.sample_rate], np.int32),
-                "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_)}
+                "REQUEST_ID": np.array([request_id.encode()], dtype=np.object_),
+                "TURN_INDEX": np.array([meta.turn], np.int32)}
 
     def _playback(self, request_id, meta, seconds: float) -> None:
         """Time to first audio at chunk 0; the wait for a late chunk into the playback-gap histogram."""

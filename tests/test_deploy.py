@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("gpu", "cpu-demo")
 K8S_VERSIONS = ("1.30", "1.33")          # oldest version these manifests target; the version the spec used
-PLANNED_METRICS = {"fish_s2_rtf"}   # dashboard panels waiting for them
+PLANNED_METRICS: set[str] = set()   # dashboard panels waiting for a metric (none now)
 TRITON_METRICS = {"nv_gpu_utilization"}
 
 _spec = importlib.util.spec_from_file_location("deploy_render", DEPLOY / "render.py")

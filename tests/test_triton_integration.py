@@ -301,6 +301,7 @@ def test_metrics_endpoint_shows_custom_metrics(deployment):
     for d in metrics.ALL:
         assert f"# TYPE {d.name} {d.kind}" in text, d.name
     assert _metric(text, metrics.TTFA.name + "_count") >= 1
+    assert _metric(text, metrics.RTF.name + "_count") >= 1 and _metric(text, metrics.RTF.name + "_sum") > 0
     assert _metric(text, metrics.FRAMES.name) > 0
     assert _metric(text, metrics.PREFIX_HITS.name) >= 1 and _metric(text, metrics.PREFIX_MISSES.name) >= 1
     assert "nv_inference_request_success" in text            # Triton's own, alongside

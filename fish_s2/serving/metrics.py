@@ -30,6 +30,9 @@ PLAYBACK_GAP = MetricDef("fish_s2_playback_gap_seconds",
                          "that arrives after the audio before it has played out (one observation per late chunk; "
                          "the sum over a stream is its playback gap)",
                          "histogram", (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0))
+RTF = MetricDef("fish_s2_rtf", "Real-time factor of each request that produced audio: seconds from entering "
+                "preprocess to its engine request ending, per second of audio generated (below 1: faster than real "
+                "time; dual_ar)", "histogram", (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0))
 ACTIVE = MetricDef("fish_s2_requests_active", "Requests in the engine's decode batch", "gauge")
 QUEUED = MetricDef("fish_s2_requests_queued", "Requests waiting for an engine slot", "gauge")
 PREFIX_HITS = MetricDef("fish_s2_prefix_cache_hits_total", "Voice-prefix KV cache hits", "counter")
@@ -40,7 +43,7 @@ PREFILL = MetricDef("fish_s2_prefill_tokens_total", "Prompt tokens run through t
 WARMUP = MetricDef("fish_s2_warmup_seconds", "Seconds a model spent warming up (weights read in, a short "
                    "generation, a codec chunk) before the server reported it ready (label model)", "gauge")
 PLAN = tuple(MetricDef(name, text, "gauge") for name, text in PLAN_METRICS.items())   # the memory plan (dual_ar)
-ALL = (TTFA, PLAYBACK_GAP, ACTIVE, QUEUED, PREFIX_HITS, PREFIX_MISSES, FRAMES, PREFILL, WARMUP, *PLAN)
+ALL = (TTFA, PLAYBACK_GAP, RTF, ACTIVE, QUEUED, PREFIX_HITS, PREFIX_MISSES, FRAMES, PREFILL, WARMUP, *PLAN)
 
 
 def _family(pb_utils, definition: MetricDef):

@@ -19,10 +19,12 @@ it for the others (:mod:`fish_s2.serving.stops`).
 """
 
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from fish_s2.codec import CodecConfig
 from fish_s2.prompt import PromptBuilder
 from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
 from fish_s2.serving import metrics, protocol
@@ -52,6 +54,9 @@ class TritonPythonModel:
         self._startup_metrics = metrics.set_gauges(
             pb_utils, [(name, {**labels, **instance}, value) for name, labels, value in startup])
         self.metrics = metrics.EngineMetrics(pb_utils, instance)
+        self._rtf = metrics.create(pb_utils, metrics.RTF, instance)
+        codec = CodecConfig.for_checkpoint(self.cfg.checkpoint)
+        self.frame_s = codec.frame_length / codec.sample_rate
         self.stops = stop_board(model_config)             # several instances: a STOP may reach another one
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
@@ -100,6 +105,8 @@ class TritonPythonModel:
                 raise
             return
         pb_utils.Logger.log_info(f"dual_ar: request {event.request_id} {event.reason} after {event.n_frames} frames")
+        if event.n_frames and event.reason in ("stop", "length"):
+            self._rtf[1].observe((time.monotonic_ns() - start_ns) / 1e9 / (event.n_frames * self.frame_s))
         response = None
         try:   # a stopped request ends plainly: an error response from a running decoupled step strands the
             # ensemble request in Triton 2.51; tts, which stopped it, tells its client (CANCELLED)

@@ -12,6 +12,7 @@ ALREADY_EXISTS. Register and delete need ADMIN_KEY equal to the server's admin k
 
 import json
 import os
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -62,7 +63,7 @@ class TritonPythonModel:
         """One frame through dual_ar with the voice's prompt: its prefix KV lands in the engine's cache."""
         prompt, prefix_len = self.builder.request("", [voice.reference()])
         req = protocol.TTSRequest("", ("",), (), None, SamplingParams(), 1, self.cfg.engine.chunk_plan, "float32")
-        tensors = {**protocol.generate_tensors(prompt.numpy(), prefix_len, req, 0),
+        tensors = {**protocol.generate_tensors(prompt.numpy(), prefix_len, req, time.monotonic_ns()),
                    "REQUEST_ID": np.array([new_request_id().encode()], dtype=np.object_)}
         bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,
                                         inputs=[pb_utils.Tensor(k, v) for k, v in tensors.items()],

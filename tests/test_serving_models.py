@@ -470,6 +470,9 @@ def test_a_stop_reaches_the_instance_that_runs_its_request(monkeypatch, repo, ti
     engines[0].lifecycle.poll_cancelled()                   # the engine's next check
     assert request.sender.done.wait(5) and request.sender.finals == [None] and engines[0].cancelled == [rid]
     assert not board.posted(rid)                            # the instance that ran it removed the notice
+    session = Request({**_generate_inputs(), "OPEN_INPUT": np.array([True])})
+    b.execute([session])                                    # its appends could reach the other instance
+    assert "open_input: text sessions need one dual_ar instance" in str(session.sender.finals[0].error)
     for model in (a, b):
         model.finalize()
 

@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 
 from fish_s2.codec import CodecConfig
 from fish_s2.prompt import PromptBuilder
-from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, collect
+from fish_s2.request import Cancelled, ChunkEvent, EngineRequest, InvalidArgument, collect
 from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
@@ -79,6 +79,9 @@ class TritonPythonModel:
                         self.engine.append(gen.request_id, end=gen.end)
                     sender.send(flags=FINAL)
                     continue
+                if gen.open_input and self.stops is not None:   # an APPEND could reach another instance
+                    raise InvalidArgument("open_input", "text sessions need one dual_ar instance per server (a "
+                                                        "repository generated with --gpus 1); send whole texts here")
                 is_cancelled = sender.is_cancelled if self.stops is None else \
                     self.stops.check(gen.request_id, sender.is_cancelled)
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,

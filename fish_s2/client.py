@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,15 +355,23 @@ class AsyncTTSClient:
                 async for chunk in routed:
                     yield chunk
             return
+        async for chunk in self._stream(protocol.tts_inputs(text, **fields)):
+            yield chunk
+
+    async def _stream(self, arrays: dict[str, np.ndarray],
+                      on_announce: Callable[[str], None] | None = None) -> AsyncIterator[AudioChunk]:
+        """One tts stream's chunks in order (a session's id announcement goes to ``on_announce``)."""
         request_id, done = uuid.uuid4().hex, asyncio.Event()
-        request = _infer_request(self.model, protocol.tts_inputs(text, **fields), request_id, stream=True)
+        request = _infer_request(self.model, arrays, request_id, stream=True)
         call = self._stub.ModelStreamInfer(_asend_then_wait(request, done), timeout=self.timeout_s)
         reorder, finished, refused = ChunkReorderer(), False, False
         try:
             async for response in call:
                 refused = bool(response.error_message)
                 chunk, final = _parse(response)
-                if chunk is not None:
+                if chunk is not None and chunk.index == protocol.SESSION_ANNOUNCE_INDEX and on_announce is not None:
+                    on_announce(chunk.request_id)
+                elif chunk is not None:
                     for ready in reorder.push(chunk):
                         yield ready
                 if final:
@@ -448,40 +456,19 @@ class SpeechSession:
         self._text, self._fields = text, fields
 
     async def chunks(self) -> AsyncIterator[AudioChunk]:
-        done = asyncio.Event()
         arrays = protocol.tts_inputs(self._text, open_input=True, **self._fields)
-        call = self.client._stub.ModelStreamInfer(
-            _asend_then_wait(_infer_request(self.client.model, arrays, uuid.uuid4().hex, stream=True), done),
-            timeout=self.client.timeout_s)
-        reorder, finished = ChunkReorderer(), False
         try:
-            async for response in call:
-                chunk, final = _parse(response)
-                if chunk is not None and chunk.index == protocol.SESSION_ANNOUNCE_INDEX:
-                    self.request_id = chunk.request_id
-                    self._announced.set()
-                elif chunk is not None:
-                    for ready in reorder.push(chunk):
-                        yield ready
-                if final:
-                    finished = True
-                    break
-            if not finished:
-                raise Unavailable("the stream closed before its final response")
-            reorder.finish()
-        except grpc.RpcError as e:
-            self._failed = _rpc_error(e)
-            raise self._failed from None
+            async for chunk in self.client._stream(arrays, on_announce=self._on_announce):
+                yield chunk
         except BaseException as e:
             self._failed = e
             raise
         finally:
             self._announced.set()   # appends waiting for an id that will not come give up
-            if finished:
-                await _aend(call, done, self.client.drain_timeout_s)
-            else:
-                call.cancel()
-                done.set()
+
+    def _on_announce(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._announced.set()
 
     async def append(self, text: str | None = None, end: bool = False) -> None:
         await self._announced.wait()

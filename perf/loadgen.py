@@ -59,7 +59,8 @@ from fish_s2.request.dialogue import speakers
 from fish_s2.routing import parse_endpoints
 from fish_s2.text_session import TextSession
 
-from corpus import CORPUS, read_corpus
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # perf/ (also when loaded by path, not as a script)
+from corpus import CORPUS, read_corpus  # noqa: E402
 
 SHARED_VOICE = "loadgen-shared"
 

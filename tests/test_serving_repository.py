@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from fish_s2.request import ChunkPlan, InvalidArgument
 from fish_s2.serving import protocol as p
 from fish_s2.serving.adapter import check_io
 from fish_s2.serving.config import FILE_NAME, ServingConfig
@@ -89,6 +90,13 @@ def _onnx_identity(path, inp, out):
     onnx.save(helper.make_model(graph), str(path))
 
 
+def _record_codec_profile(art, batch: int, frames: int) -> None:
+    """What the export's trt-plans stage records in manifest.json: the codec plan's (min, opt, max) shapes."""
+    profile = {"codes": [[1, 10, 1], [8, 10, min(50, frames)], [batch, 10, frames]]}
+    (art / "manifest.json").write_text(json.dumps({"stages": {"trt-plans": {"status": "done",
+                                                                            "profiles": {"codec_decoder": profile}}}}))
+
+
 def test_gpu_repository(tiny_checkpoint, tmp_path):
     pytest.importorskip("onnx")
     art = tmp_path / "art"
@@ -122,9 +130,24 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     assert (repo / p.CODEC_DECODER / "1" / "model.onnx").resolve() == (art / "onnx" / "codec_decoder.onnx").resolve()
     (art / "trt").mkdir()
     (art / "trt" / "codec_decoder.plan").write_bytes(b"plan")
+    with pytest.raises(ValueError, match="codec_decoder_path: .* has no optimization profile recorded"):
+        generate("gpu", tiny_checkpoint, art, repo)
+    _record_codec_profile(art, batch=64, frames=50)
     cfg = generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.codec_max_batch": 64})
     codec = _configs(repo)[p.CODEC_DECODER]
     assert cfg.codec_runtime == "tensorrt" and codec.platform == "tensorrt_plan" and codec.max_batch_size == 64
+    assert cfg.codec_max_frames == 50 and ServingConfig.load(repo / "serving.yaml").codec_max_frames == 50
+    with pytest.raises(InvalidArgument, match="chunk_frames: a chunk of 65 frames with its context exceeds the "
+                                              "codec's limit of 50"):   # refused when the request arrives
+        cfg.limits().check_plan(ChunkPlan(4, 40, 25))
+    with pytest.raises(ValueError, match="triton.codec_max_batch: 128 exceeds the codec plan's largest batch 64"):
+        generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.codec_max_batch": 128})
+    _record_codec_profile(art, batch=64, frames=40)          # a plan that cannot take the default chunks
+    with pytest.raises(ValueError, match="engine.chunk_plan.chunk_frames: a chunk of 50 frames .* limit of 40"):
+        generate("gpu", tiny_checkpoint, art, repo)
+    assert generate("gpu", tiny_checkpoint, art, repo, overrides={"engine.chunk_plan.chunk_frames": 15}
+                    ).codec_max_frames == 40
+    _record_codec_profile(art, batch=64, frames=50)
     assert [t.name for t in codec.output] == ["audio_out"]   # names of the network the plan was built from
     assert list(codec.model_warmup[0].inputs["codes_in"].dims) == [10, 4]
     assert (repo / p.CODEC_DECODER / "1" / "model.plan").is_symlink()

@@ -21,7 +21,7 @@ import yaml
 
 from .. import memory_plan as mp
 from ..engine.config import EngineConfig
-from ..request import Limits
+from ..request import InvalidArgument, Limits
 from ..typed_settings import build, plain, read_yaml
 
 PROFILES = ("cpu", "gpu")
@@ -50,6 +50,8 @@ class ServingConfig:
     fast_ar_onnx: str | None = None          # the exported fast AR (fast_ar_runtime onnx)
     codec_runtime: str = "torch"
     codec_decoder_path: str | None = None    # .onnx (onnx, onnxruntime) or .plan (tensorrt)
+    codec_max_frames: int | None = None      # the longest chunk (context included) the codec takes: the TensorRT
+                                             # plan's profile, written here by the repository generator
     codec_encoder_onnx: str | None = None    # reference encoding with ONNX Runtime; None: torch codec
     threads: int = 0                         # intra-op threads of each model process; 0: library default
     max_text_bytes: int = 4096
@@ -81,6 +83,8 @@ class ServingConfig:
             raise ValueError("fast_ar_runtime: 'onnx' needs runtime 'torch' and fast_ar_onnx (the exported fast AR)")
         if self.codec_runtime != "torch" and not self.codec_decoder_path:
             raise ValueError(f"codec_decoder_path: required with codec_runtime {self.codec_runtime!r}")
+        if self.codec_max_frames is not None and self.codec_max_frames < 1:
+            raise ValueError(f"codec_max_frames: must be >= 1, got {self.codec_max_frames}")
         for name in ("threads", "max_text_bytes", "max_slots", "max_voices", "max_turns"):
             if getattr(self, name) < (0 if name == "threads" else 1):
                 raise ValueError(f"{name}: out of range, got {getattr(self, name)}")
@@ -98,7 +102,10 @@ class ServingConfig:
             raise ValueError("engine.max_frames: null (derived from the memory) needs a number for engine.max_active "
                              "(with engine.max_active derived, give engine.max_frames a number)")
         if self.engine.max_frames is not None:
-            self.limits().check_plan(self.engine.chunk_plan)
+            try:
+                self.limits().check_plan(self.engine.chunk_plan)
+            except InvalidArgument as e:
+                raise ValueError(f"engine.chunk_plan.{e}") from None
         return self
 
     def plan_settings(self, codec_batch: int | None = None) -> mp.PlanSettings:
@@ -119,7 +126,8 @@ class ServingConfig:
                              "(python -m fish_s2.serving.repository); give it a number here")
         return Limits(max_frames=self.engine.max_frames, max_text_bytes=self.max_text_bytes,
                       max_reference_seconds=self.max_reference_seconds, chunk_plan=self.engine.chunk_plan,
-                      max_voices=self.max_voices, max_turns=self.max_turns)
+                      max_voices=self.max_voices, max_turns=self.max_turns,
+                      **({} if self.codec_max_frames is None else {"max_chunk_frames": self.codec_max_frames}))
 
     # ------------------------------------------------------------------ files
 

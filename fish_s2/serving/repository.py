@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import shutil
 import string
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import load_config
+from ..export.stages import MANIFEST
 from ..memory_plan import MemoryPlan, check_fits, parse_bytes
 from . import protocol as p
 from .config import FILE_NAME, TRITON_CODECS, ServingConfig
@@ -94,6 +96,18 @@ class Artifacts:
     def codec_decoder_plan(self) -> Path:
         return self.root / "trt" / "codec_decoder.plan"
 
+    def codec_plan_limits(self) -> tuple[int, int]:
+        """(largest batch, longest chunk in frames) of the codec plan's optimization profile, as the export
+        recorded it in manifest.json (the TensorRT backend refuses any other shape per request)."""
+        try:
+            manifest = json.loads((self.root / MANIFEST).read_text())
+            batch, _, frames = manifest["stages"]["trt-plans"]["profiles"]["codec_decoder"]["codes"][2]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"codec_decoder_path: {self.codec_decoder_plan} has no optimization profile recorded in "
+                             f"{self.root / MANIFEST} ({type(e).__name__}: {e}); re-run the export's trt-plans stage "
+                             "(make export TARGET=gpu)") from None
+        return int(batch), int(frames)
+
 
 def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: Path,
                    overrides: dict[str, object], device_memory: int | None = None
@@ -122,11 +136,16 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         data["codec_runtime"] = "tensorrt" if plan else "onnxruntime"
         data["codec_decoder_path"] = str(art.codec_decoder_plan if plan else art.codec_decoder_onnx)
         data["trtllm_dir"] = str(art.trtllm_dir)
+    plan_limits = art.codec_plan_limits() if data["codec_runtime"] == "tensorrt" else None
     triton_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("triton.")}
     for key in triton_overrides:
         if key not in {f.name for f in dataclasses.fields(TritonModelSettings)}:
             raise ValueError(f"triton.{key}: unknown setting")
     triton = dataclasses.replace(triton, **triton_overrides)
+    if plan_limits is not None and triton.codec_max_batch > plan_limits[0]:
+        raise ValueError(f"triton.codec_max_batch: {triton.codec_max_batch} exceeds the codec plan's largest batch "
+                         f"{plan_limits[0]} (its profile in {art.root / MANIFEST}): lower it, or rebuild the plan with "
+                         f"python -m fish_s2.export --target gpu --max-batch {triton.codec_max_batch}")
     if profile == "cpu" and triton.gpus != 1:
         raise ValueError(f"triton.gpus: the cpu profile uses no GPU, got {triton.gpus}")
     for f in dataclasses.fields(TritonModelSettings):
@@ -134,7 +153,9 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if "delay" in f.name else 1):
             raise ValueError(f"triton.{f.name}: out of range, got {value!r}")
     base = ServingConfig.from_dict({k: v for k, v in data.items() if k != "engine"})
+    # the plan's profile bounds every chunk a request may ask for (checked with the final chunk plan)
     cfg = base.with_overrides({**{f"engine.{k}": v for k, v in data["engine"].items()},
+                               **({} if plan_limits is None else {"codec_max_frames": plan_limits[1]}),
                                **{k: v for k, v in overrides.items() if not k.startswith("triton.")}})
     if cfg.runtime == "trtllm":   # the LLM-API settings must fit the engine block (importing no tensorrt_llm)
         from ..trtllm.settings import DEFAULT_PATH, load_trtllm_settings

@@ -127,6 +127,11 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     assert warmup.batch_size == 1 and list(warmup.inputs["codes_in"].dims) == [10, 4]
     assert warmup.inputs["codes_in"].zero_data and warmup.inputs["codes_in"].data_type == codec.input[0].data_type
     assert configs[p.DUAL_AR].parameters["codec_max_batch"].string_value == "32"   # for dual_ar's memory plan
+    (trt,) = codec.optimization.execution_accelerators.gpu_execution_accelerator   # no engine built on a request:
+    assert trt.name == "tensorrt" and trt.parameters["trt_engine_cache_enable"] == "true"   # cached, one profile
+    assert trt.parameters["trt_engine_cache_path"] == str((art / "trt-ep-cache").resolve())
+    assert trt.parameters["trt_profile_max_shapes"] == "codes_in:32x10x50" == f"codes_in:32x10x{cfg.codec_max_frames}"
+    assert trt.parameters["trt_profile_min_shapes"] == "codes_in:1x10x1"
     assert (repo / p.CODEC_DECODER / "1" / "model.onnx").resolve() == (art / "onnx" / "codec_decoder.onnx").resolve()
     (art / "trt").mkdir()
     (art / "trt" / "codec_decoder.plan").write_bytes(b"plan")

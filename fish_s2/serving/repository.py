@@ -167,6 +167,8 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         path = getattr(cfg, name)
         if needed and path is not None and not Path(path).exists():
             raise ValueError(f"{name}: {path} does not exist (run the export first, or override it with --set)")
+    if cfg.codec_runtime == "onnxruntime" and cfg.codec_max_frames is None:   # its TensorRT provider's profile
+        cfg = cfg.with_overrides({"codec_max_frames": cfg.engine.chunk_plan.longest_chunk})
     plan = None
     if cfg.engine.max_frames is None:   # a request limit: resolved once, here, for preprocess and dual_ar alike
         from .runtime import memory_plan
@@ -220,8 +222,9 @@ def instance_groups(cfg: ServingConfig, triton: TritonModelSettings) -> dict[str
             "codec_instance_group": f"{{ count: {triton.codec_instances} kind: KIND_GPU gpus: [ {gpus} ] }}"}
 
 
-def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict[str, int]) -> dict[str, dict[str, str]]:
-    """Placeholder values per model."""
+def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict[str, int],
+                    trt_cache: Path) -> dict[str, dict[str, str]]:
+    """Placeholder values per model (``trt_cache``: where ONNX Runtime's TensorRT provider keeps its engines)."""
     codec_names = _codec_io_names(cfg)
     gen = [s.name for s in p.GENERATE_INPUTS]
     common = {"serving_config": FILE_NAME, "runtime": cfg.runtime, "device": cfg.device,
@@ -253,7 +256,26 @@ def template_values(cfg: ServingConfig, triton: TritonModelSettings, sizes: dict
         f'model_warmup [ {{ name: "first_chunk" batch_size: 1 inputs {{ key: "{codec_names.get("CODES", "CODES")}" '
         f'value: {{ data_type: {codes.config_type} dims: [ {sizes["codebooks"]}, '
         f'{cfg.engine.chunk_plan.first_chunk_frames} ] zero_data: true }} }} }} ]')
+    values[p.CODEC_DECODER]["ort_tensorrt_parameters"] = ort_tensorrt_parameters(
+        cfg, triton, codec_names.get("CODES", "CODES"), sizes["codebooks"], trt_cache)
     return values
+
+
+def ort_tensorrt_parameters(cfg: ServingConfig, triton: TritonModelSettings, codes: str, n_codebooks: int,
+                            cache: Path) -> str:
+    """ONNX Runtime's TensorRT provider for the codec (the fallback without a plan): one optimization profile
+    over the chunks requests may send (batch up to codec_max_batch, frames up to codec_max_frames), engines
+    and timings cached on disk so that a restart does not rebuild them, and none built on a live request
+    (the warm-up decodes a first chunk before the model reports ready)."""
+    plan = cfg.engine.chunk_plan
+    longest = cfg.codec_max_frames or plan.longest_chunk
+    opt_frames, opt_batch = min(plan.chunk_frames + plan.context_frames, longest), min(8, triton.codec_max_batch)
+    params = {"trt_engine_cache_enable": "true", "trt_engine_cache_path": str(cache),
+              "trt_timing_cache_enable": "true", "trt_timing_cache_path": str(cache),
+              "trt_profile_min_shapes": f"{codes}:1x{n_codebooks}x1",
+              "trt_profile_opt_shapes": f"{codes}:{opt_batch}x{n_codebooks}x{opt_frames}",
+              "trt_profile_max_shapes": f"{codes}:{triton.codec_max_batch}x{n_codebooks}x{longest}"}
+    return " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
 
 
 def generate(profile: str, checkpoint: str | Path, artifacts: str | Path, out: str | Path,
@@ -269,7 +291,7 @@ def generate(profile: str, checkpoint: str | Path, artifacts: str | Path, out: s
                                        Path(voices_dir) if voices_dir else artifacts / "voices", overrides or {},
                                        device_memory)
     sizes = {"rows": dual_cfg.frame_rows, "codebooks": dual_cfg.num_codebooks}
-    values = template_values(cfg, triton, sizes)
+    values = template_values(cfg, triton, sizes, artifacts.resolve() / "trt-ep-cache")
     out.mkdir(parents=True, exist_ok=True)
     for model in MODELS:
         target = out / model

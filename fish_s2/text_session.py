@@ -70,10 +70,29 @@ class TextSession:
             return
         session = self.client.open_session(first, **self.fields)
         appender = asyncio.create_task(self._append(session))
+        chunks = session.chunks()
+        following = None
         try:
-            async for chunk in session.chunks():
+            while True:   # the next chunk, unless appending fails first (its error then ends the stream)
+                following = following or asyncio.ensure_future(anext(chunks))
+                await asyncio.wait({following} | ({appender} if not appender.done() else set()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if appender.done() and not appender.cancelled() and appender.exception() is not None:
+                    raise appender.exception()
+                if not following.done():
+                    continue
+                try:
+                    chunk = following.result()
+                except StopAsyncIteration:
+                    break
+                following = None
                 yield chunk
         finally:
+            if following is not None and not following.done():
+                following.cancel()
+                with contextlib.suppress(BaseException):
+                    await following
+            await chunks.aclose()
             if not appender.done():
                 appender.cancel()
                 with contextlib.suppress(BaseException):

@@ -231,3 +231,16 @@ def test_a_parked_session_is_cancelled_and_the_loop_thread_waits_without_spinnin
         assert done.reason == "cancelled" and engine.stats()["active"] == 0
     finally:
         engine.stop()
+
+
+def test_a_session_waiting_too_long_for_text_is_ended(tiny):
+    builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
+    engine = Engine(tiny.model, EngineConfig(max_active=2, max_queued=2, max_prompt_tokens=80, max_frames=40,
+                                             session_idle_s=0.2))
+    handle = engine.submit(EngineRequest(builder.request("Hello.", [])[0], max_frames=3, open_input=True))
+    live = engine.lifecycle.get(handle.request_id)
+    _drive(engine, lambda: live.parked)
+    time.sleep(0.3)
+    engine.step()
+    chunks, done = collect(handle)
+    assert done.reason == "cancelled" and "no text for 0.2 s" in str(done.error) and engine.stats()["active"] == 0

@@ -174,3 +174,31 @@ def test_say_reads_text_from_stdin_as_it_arrives(servers, tmp_path):
     assert say.wait(120) == 0, say.stderr.read()
     audio, rate = sf.read(out, dtype="int16")
     assert rate == 44100 and audio.size == (5 + 5 + 6) * 2048
+
+
+def test_a_refused_append_ends_the_session_with_its_error(servers):
+    """A later segment the server refuses (here over max_text_bytes) ends the stream with that error at once,
+    instead of leaving the session waiting for text."""
+    from fish_s2.client import AsyncTTSClient
+    from fish_s2.request import InvalidArgument
+    from fish_s2.text_session import TextSession
+
+    triton, _ = servers
+
+    async def run():
+        async with AsyncTTSClient(triton.grpc_url, timeout_s=60) as client:
+            session = TextSession(client, seed=1, max_frames=400)
+            await session.send_text("A first sentence that is fine. ")
+            await session.send_text("x" * 5000 + " ")
+            await session.end()
+            async for _ in session.chunks():
+                pass
+
+    t0 = time.monotonic()
+    with pytest.raises(InvalidArgument, match="^text: 5000 bytes, the limit is 4096"):
+        asyncio.run(run())
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 5
+    while _metric(triton, metrics.ACTIVE.name) != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(triton, metrics.ACTIVE.name) == 0

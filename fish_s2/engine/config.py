@@ -24,6 +24,7 @@ class EngineConfig:
     max_frames: int | None = 1024        # per request (1024 frames = 47.6 s)
     chunk_plan: ChunkPlan = ChunkPlan()  # the default plan of a request that names none
     cancel_check_ms: int = 20            # how often each request's is_cancelled is asked (0: every step)
+    session_idle_s: float = 60.0         # a session that waits longer than this for its next text is ended
     # the torch runner
     prefix_cache_bytes: int = 256 << 20
     cuda_graphs: bool = True             # CUDA only
@@ -50,6 +51,8 @@ class EngineConfig:
         for name in ("max_active", "max_queued", "max_prompt_tokens", "max_frames", "min_kv_bucket"):
             if getattr(self, name) < 1:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.session_idle_s > 0:
+            raise ValueError(f"engine.session_idle_s: must be > 0, got {self.session_idle_s}")
         if self.cancel_check_ms < 0 or self.prefix_cache_bytes < 0 or self.sample_k_max < 0:
             raise ValueError("engine.cancel_check_ms, engine.prefix_cache_bytes and engine.sample_k_max: must be >= 0")
         if self.compile not in COMPILE_MODES:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 from ..config import DualARConfig
 from ..dual_ar import DualAR, FastARRuntime
-from ..request import (Event, EngineRequest, Internal, InvalidArgument, Lifecycle, Live, NotFound, RequestError,
+from ..request import (Cancelled, Event, EngineRequest, Internal, InvalidArgument, Lifecycle, Live, NotFound, RequestError,
                        RequestHandle, Unavailable)
 from .config import EngineConfig, check_request, check_segment
 from .runner import TorchRunner
@@ -138,9 +139,13 @@ class Engine:
             else:
                 self.lifecycle.finish(live, "cancelled")
         for r in reversed(range(len(self.rows))):
-            if self.rows[r].parked and self._runnable(self.rows[r]):
-                self.rows[r].parked = False
+            live = self.rows[r]
+            if live.parked and self._runnable(live):
+                live.parked = False
                 self._after_batch(r)
+            elif live.parked and time.monotonic() - live.parked_at > self.cfg.session_idle_s:
+                self._end(r, "cancelled", Cancelled(f"the session had no text for {self.cfg.session_idle_s:g} s "
+                                                    "(engine.session_idle_s) and was ended"))
         parked = [r for r, live in enumerate(self.rows) if live.parked]
         if len(parked) == len(self.rows):
             return
@@ -215,7 +220,7 @@ class Engine:
             live.held_frame = None
             self._next_turn(r, segment)
         elif wait:
-            live.parked = True
+            live.parked, live.parked_at = True, time.monotonic()
         elif live.held_frame is not None:
             frame, live.held_frame = live.held_frame, None
             if not self._send(r, frame):

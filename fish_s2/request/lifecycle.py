@@ -46,6 +46,7 @@ class Live:
     appended: deque = field(default_factory=deque)   # a session's segments not started yet
     input_ended: bool = True              # a session: False until its input is ended
     parked: bool = False                  # a session between batches, waiting for its next segment
+    parked_at: float = 0.0                # since when (time.monotonic())
     held_frame: object = None             # a parked batch's last frame at its budget: sent only if no batch follows
     cancel_requested: bool = False
     done: bool = False

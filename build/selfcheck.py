@@ -43,6 +43,7 @@ TOLERANCES = {
     "hidden_rel_l2": 0.03,  # bf16 slow AR: TensorRT-LLM's attention/GEMM kernels round differently from torch's
     "cuda_graphs": "token ids, codes and hidden states bit-identical with CUDA graphs on and off",
     "codec_plan_rel_max_abs": 1e-2,  # fp32 plan; TensorRT may run fp32 matmuls/convolutions as TF32
+    "codec_encoder_plan_min_equal": 0.99,   # share of equal codes (TF32 may move a code across a quantizer edge)
     "free_running": "frames of free-running requests vs the reference are reported, not gated (a bf16 rounding "
                     "difference flips a draw and everything after it)",
 }
@@ -241,6 +242,20 @@ class SelfCheck:
         detail = {"rel_max_abs": worst}
         if max(worst.values()) > TOLERANCES["codec_plan_rel_max_abs"]:
             raise Failed("the codec plan differs from the ONNX model", detail)
+        encoder = self.export_dir / "trt" / "codec_encoder.plan"
+        if encoder.is_file():   # what reference voices are encoded with on the gpu profile
+            from fish_s2.ort_runtime import OrtCodecEncoder
+
+            c = CodecConfig.for_checkpoint(self.checkpoint)
+            n = 2 * c.sample_rate // c.frame_length * c.frame_length         # 2 s of a tone, whole frames
+            audio = (0.3 * np.sin(np.arange(n) * 2 * np.pi * 220 / c.sample_rate)).astype(np.float32)[None]
+            ref = OrtCodecEncoder(self.export_dir / "onnx" / "codec_encoder.onnx").encode(audio)
+            got = run_plan(encoder, audio)
+            if got.shape != ref.shape:
+                raise Failed(f"encoder plan output {got.shape}, ONNX Runtime {ref.shape}")
+            detail["encoder_equal_codes"] = float((got == ref).mean())
+            if detail["encoder_equal_codes"] < TOLERANCES["codec_encoder_plan_min_equal"]:
+                raise Failed("the codec encoder plan's codes differ from the ONNX model's", detail)
         return detail
 
 
@@ -404,28 +419,14 @@ def identical(a: dict, b: dict) -> bool:
 # ---------------------------------------------------------------------------- helpers
 
 
-def run_plan(plan: Path, codes):
-    """Run a TensorRT plan with one input ``codes`` and one output; returns the output as numpy."""
-    import tensorrt as trt
-    import torch
+def run_plan(plan: Path, x):
+    """Run a TensorRT plan with one input and one output (fish_s2.trt_plan.TrtPlan); the output as numpy."""
+    from fish_s2.trt_plan import TrtPlan
 
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
-    if engine is None:
-        raise Failed(f"{plan}: TensorRT could not deserialize the plan")
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    (inp,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    (outp,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    x = torch.from_numpy(codes).cuda()
-    ctx.set_input_shape(inp, tuple(x.shape))
-    y = torch.empty(tuple(ctx.get_tensor_shape(outp)), dtype=torch.float32, device="cuda")
-    ctx.set_tensor_address(inp, x.data_ptr())
-    ctx.set_tensor_address(outp, y.data_ptr())
-    stream = torch.cuda.Stream()
-    if not ctx.execute_async_v3(stream.cuda_stream):
-        raise Failed(f"{plan}: execute_async_v3 failed")
-    stream.synchronize()
-    return y.cpu().numpy()
+    try:
+        return TrtPlan(plan)(x)
+    except (RuntimeError, ValueError) as e:
+        raise Failed(str(e)) from None
 
 
 def free_ports(n: int) -> list[int]:

@@ -90,11 +90,11 @@ def _onnx_identity(path, inp, out):
     onnx.save(helper.make_model(graph), str(path))
 
 
-def _record_codec_profile(art, batch: int, frames: int) -> None:
-    """What the export's trt-plans stage records in manifest.json: the codec plan's (min, opt, max) shapes."""
-    profile = {"codes": [[1, 10, 1], [8, 10, min(50, frames)], [batch, 10, frames]]}
-    (art / "manifest.json").write_text(json.dumps({"stages": {"trt-plans": {"status": "done",
-                                                                            "profiles": {"codec_decoder": profile}}}}))
+def _record_codec_profile(art, batch: int, frames: int, encoder_samples: int = 30 * 44100) -> None:
+    """What the export's trt-plans stage records in manifest.json: the codec plans' (min, opt, max) shapes."""
+    profiles = {"codec_decoder": {"codes": [[1, 10, 1], [8, 10, min(50, frames)], [batch, 10, frames]]},
+                "codec_encoder": {"audio": [[1, 2048], [1, 10 * 44100], [4, encoder_samples]]}}
+    (art / "manifest.json").write_text(json.dumps({"stages": {"trt-plans": {"status": "done", "profiles": profiles}}}))
 
 
 def test_gpu_repository(tiny_checkpoint, tmp_path):
@@ -137,6 +137,14 @@ def test_gpu_repository(tiny_checkpoint, tmp_path):
     (art / "trt" / "codec_decoder.plan").write_bytes(b"plan")
     with pytest.raises(ValueError, match="codec_decoder_path: .* has no optimization profile recorded"):
         generate("gpu", tiny_checkpoint, art, repo)
+    _record_codec_profile(art, batch=64, frames=50)
+    (art / "trt" / "codec_encoder.plan").write_bytes(b"plan")   # reference voices: encoded with it
+    cfg = generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.codec_max_batch": 64})
+    assert cfg.codec_encoder_plan == str((art / "trt" / "codec_encoder.plan").resolve())
+    _record_codec_profile(art, batch=64, frames=50, encoder_samples=10 * 44100)
+    with pytest.raises(ValueError, match="max_reference_seconds: 30 s is longer than the codec encoder plan takes"):
+        generate("gpu", tiny_checkpoint, art, repo)
+    assert generate("gpu", tiny_checkpoint, art, repo, overrides={"max_reference_seconds": 10}).codec_encoder_plan
     _record_codec_profile(art, batch=64, frames=50)
     cfg = generate("gpu", tiny_checkpoint, art, repo, overrides={"triton.codec_max_batch": 64})
     codec = _configs(repo)[p.CODEC_DECODER]

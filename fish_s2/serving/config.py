@@ -53,6 +53,7 @@ class ServingConfig:
     codec_max_frames: int | None = None      # the longest chunk (context included) the codec takes: the TensorRT
                                              # plan's profile, written here by the repository generator
     codec_encoder_onnx: str | None = None    # reference encoding with ONNX Runtime; None: torch codec
+    codec_encoder_plan: str | None = None    # gpu: reference encoding with the TensorRT plan (before the ONNX one)
     threads: int = 0                         # intra-op threads of each model process; 0: library default
     max_text_bytes: int = 4096
     allow_control_tokens: bool = False       # True: control-token strings in request text act as control tokens

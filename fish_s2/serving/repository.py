@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import load_config
+from ..codec import CodecConfig
 from ..export.stages import MANIFEST
 from ..memory_plan import MemoryPlan, check_fits, parse_bytes
 from . import protocol as p
@@ -96,6 +97,20 @@ class Artifacts:
     def codec_decoder_plan(self) -> Path:
         return self.root / "trt" / "codec_decoder.plan"
 
+    @property
+    def codec_encoder_plan(self) -> Path:
+        return self.root / "trt" / "codec_encoder.plan"
+
+    def encoder_plan_max_samples(self) -> int:
+        """The longest audio (samples) the codec encoder plan's profile takes, as the export recorded it."""
+        try:
+            manifest = json.loads((self.root / MANIFEST).read_text())
+            return int(manifest["stages"]["trt-plans"]["profiles"]["codec_encoder"]["audio"][2][1])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"codec_encoder_plan: {self.codec_encoder_plan} has no optimization profile recorded in "
+                             f"{self.root / MANIFEST} ({type(e).__name__}: {e}); re-run the export's trt-plans stage "
+                             "(make export TARGET=gpu)") from None
+
     def codec_plan_limits(self) -> tuple[int, int]:
         """(largest batch, longest chunk in frames) of the codec plan's optimization profile, as the export
         recorded it in manifest.json (the TensorRT backend refuses any other shape per request)."""
@@ -136,6 +151,8 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
         data["codec_runtime"] = "tensorrt" if plan else "onnxruntime"
         data["codec_decoder_path"] = str(art.codec_decoder_plan if plan else art.codec_decoder_onnx)
         data["trtllm_dir"] = str(art.trtllm_dir)
+        if art.codec_encoder_plan.is_file():   # reference voices: the encoder plan, not a torch codec per instance
+            data["codec_encoder_plan"] = str(art.codec_encoder_plan)
     plan_limits = art.codec_plan_limits() if data["codec_runtime"] == "tensorrt" else None
     triton_overrides = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("triton.")}
     for key in triton_overrides:
@@ -162,11 +179,16 @@ def serving_config(profile: str, checkpoint: Path, artifacts: Path, voices_dir: 
 
         load_trtllm_settings(cfg.trtllm_settings or DEFAULT_PATH).validate(cfg.engine)
     used = {"trtllm_dir": cfg.runtime == "trtllm", "codec_decoder_path": cfg.codec_runtime != "torch",
-            "codec_encoder_onnx": True, "fast_ar_onnx": cfg.fast_ar_runtime == "onnx"}
+            "codec_encoder_onnx": True, "codec_encoder_plan": True, "fast_ar_onnx": cfg.fast_ar_runtime == "onnx"}
     for name, needed in used.items():
         path = getattr(cfg, name)
         if needed and path is not None and not Path(path).exists():
             raise ValueError(f"{name}: {path} does not exist (run the export first, or override it with --set)")
+    if cfg.codec_encoder_plan and Path(cfg.codec_encoder_plan) == art.codec_encoder_plan:
+        max_seconds = art.encoder_plan_max_samples() / CodecConfig.for_checkpoint(cfg.checkpoint).sample_rate
+        if cfg.max_reference_seconds > max_seconds:
+            raise ValueError(f"max_reference_seconds: {cfg.max_reference_seconds:g} s is longer than the codec encoder "
+                             f"plan takes ({max_seconds:g} s, its profile): lower it, or rebuild the plan")
     if cfg.codec_runtime == "onnxruntime" and cfg.codec_max_frames is None:   # its TensorRT provider's profile
         cfg = cfg.with_overrides({"codec_max_frames": cfg.engine.chunk_plan.longest_chunk})
     plan = None

@@ -198,7 +198,11 @@ class ReferenceEncoder:
     def __init__(self, cfg: ServingConfig):
         codec_cfg = CodecConfig.for_checkpoint(cfg.checkpoint)
         self.sample_rate, self.frame_length = codec_cfg.sample_rate, codec_cfg.frame_length
-        if cfg.codec_encoder_onnx:
+        if cfg.codec_encoder_plan:
+            from ..trt_plan import TrtCodecEncoder
+
+            self._encode = TrtCodecEncoder(cfg.codec_encoder_plan, self.frame_length, cfg.device).encode
+        elif cfg.codec_encoder_onnx:
             from ..ort_runtime import OrtCodecEncoder
 
             self._encode = OrtCodecEncoder(cfg.codec_encoder_onnx).encode

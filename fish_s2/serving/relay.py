@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,11 +45,12 @@ class _Stream:
 @dataclass
 class Session:
     """What a session's later text is checked against: its voices (speaker tags), its batch size, and the
-    turns it has had so far."""
+    turns it has had so far; its appends run one after another, in arrival order, off the model's thread."""
 
     voices: int
     chunk_length: int
     turns: int
+    appends: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "fish-s2-append"))
 
 
 class Relay:
@@ -96,6 +99,8 @@ class Relay:
         finally:
             with self._lock:
                 self._streams.pop(stream.request_id, None)
+            if stream.session is not None:
+                stream.session.appends.shutdown(wait=False)
             if stream.owner_stopped:
                 final_error = triton_error(pb, Cancelled("the stream was stopped by its owner before it ended"))
             with stream.lock:   # exactly one FINAL: an error if it failed or was stopped, else empty
@@ -152,18 +157,28 @@ class Relay:
             raise NotFound("request_id", "no session with this id is running on this server")
         return stream, stream.session
 
-    def append(self, stream: _Stream, segments: tuple[np.ndarray, ...], end: bool) -> None:
+    def append(self, stream: _Stream, segments: tuple[np.ndarray, ...], end: bool, wait_s: float = 30.0) -> None:
         """Give a session's engine request its next segments (and/or the end of its input); dual_ar's
-        error (the session ended meanwhile, over its tokens) is raised typed."""
+        error (over its tokens, the session ended) is raised typed. The session's id is announced before
+        its request has reached dual_ar (it may still be in preprocess or a queue): while the stream is
+        running, dual_ar's NotFound means "not there yet", and the append is tried again."""
         pb = self.pb
         inputs = [pb.Tensor(k, v) for k, v in protocol.dual_ar_append_tensors(stream.request_id, segments, end).items()]
-        request = pb.InferenceRequest(model_name=protocol.DUAL_AR, inputs=inputs, requested_output_names=["CHUNK_META"])
-        error = None
-        for response in request.exec(decoupled=True):   # drained to its end
-            if response.has_error() and error is None:
-                error = from_wire(response.error().message())
-        if error is not None:
-            raise error
+        deadline = time.monotonic() + wait_s
+        while True:
+            request = pb.InferenceRequest(model_name=protocol.DUAL_AR, inputs=inputs,
+                                          requested_output_names=["CHUNK_META"])
+            error = None
+            for response in request.exec(decoupled=True):   # drained to its end
+                if response.has_error() and error is None:
+                    error = from_wire(response.error().message())
+            if error is None:
+                return
+            with self._lock:
+                running = self._streams.get(stream.request_id) is stream and not stream.stop_sent
+            if not (isinstance(error, NotFound) and running and time.monotonic() < deadline):
+                raise error
+            time.sleep(0.01)
 
     def live(self) -> int:
         with self._lock:

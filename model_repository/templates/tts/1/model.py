@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fish_s2.prompt import PromptBuilder
-from fish_s2.request import InvalidArgument, new_request_id
+from fish_s2.request import InvalidArgument, NotFound, new_request_id
 from fish_s2.request.dialogue import SERVER_CHUNK_LENGTH, check_dialogue
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
@@ -47,8 +47,11 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     continue
                 if isinstance(control, protocol.EntryAppend):
-                    self._append(control)
-                    sender.send(flags=FINAL)
+                    stream, session = self.relay.session(control.request_id)
+                    try:
+                        session.appends.submit(self._append, control, stream, session, sender)
+                    except RuntimeError:   # the session ended just now (its append thread is gone)
+                        raise NotFound("request_id", "no session with this id is running on this server") from None
                     continue
                 protocol.check_required(get, protocol.TTS_INPUTS)
                 inputs = {s.name: a for s in protocol.TTS_INPUTS if (a := get(s.name)) is not None}
@@ -69,18 +72,24 @@ class TritonPythonModel:
         chunk_length = SERVER_CHUNK_LENGTH if length is None or length.size != 1 else int(length.reshape(-1)[0])
         return Session(voices, chunk_length, turns=1)
 
-    def _append(self, append: protocol.EntryAppend) -> None:
-        stream, session = self.relay.session(append.request_id)
-        segments = ()
-        if append.text is not None:
-            batches = check_dialogue(append.text, session.voices, self.limits.max_voices, self.limits.max_turns,
-                                     session.chunk_length)
-            if session.turns + len(batches) > self.limits.max_turns:
-                raise InvalidArgument("text", f"the session would have {session.turns + len(batches)} turn batches, "
-                                              f"the limit is {self.limits.max_turns}")
-            segments = tuple(self.builder.next_turn(b).numpy() for b in batches)
-            session.turns += len(batches)
-        self.relay.append(stream, segments, append.end)
+    def _append(self, append: protocol.EntryAppend, stream, session, sender) -> None:
+        """One append of a session (on the session's own thread, in arrival order); its one FINAL."""
+        response = None
+        try:
+            segments = ()
+            if append.text is not None:
+                batches = check_dialogue(append.text, session.voices, self.limits.max_voices, self.limits.max_turns,
+                                         session.chunk_length)
+                if session.turns + len(batches) > self.limits.max_turns:
+                    raise InvalidArgument("text", f"the session would have {session.turns + len(batches)} turn "
+                                                  f"batches, the limit is {self.limits.max_turns}")
+                segments = tuple(self.builder.next_turn(b).numpy() for b in batches)
+                session.turns += len(batches)
+            self.relay.append(stream, segments, append.end)
+        except Exception as e:
+            response = error_response(pb_utils, e)
+        finally:
+            sender.send(response, flags=FINAL)
 
     def finalize(self):
         self.relay.close()

@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator
 
 from .client import AsyncTTSClient, AudioChunk
+from .request import NotFound
 from .request.segmenter import Segmenter
 
 
@@ -77,7 +78,7 @@ class TextSession:
                 following = following or asyncio.ensure_future(anext(chunks))
                 await asyncio.wait({following} | ({appender} if not appender.done() else set()),
                                    return_when=asyncio.FIRST_COMPLETED)
-                if appender.done() and not appender.cancelled() and appender.exception() is not None:
+                if _refused(appender):
                     raise appender.exception()
                 if not following.done():
                     continue
@@ -97,11 +98,20 @@ class TextSession:
                 appender.cancel()
                 with contextlib.suppress(BaseException):
                     await appender
-        if not appender.cancelled() and appender.exception() is not None:
+        if _refused(appender):
             raise appender.exception()
-        self.ended_by_server = not (self.input_ended and appender.done() and not appender.cancelled())
+        self.ended_by_server = not (self.input_ended and appender.done() and not appender.cancelled()
+                                    and appender.exception() is None)
 
     async def _append(self, session) -> None:
         while (segment := await self._segments.get()) is not None:
             await session.append(segment)
         await session.append(end=True)
+
+
+def _refused(appender: asyncio.Task) -> bool:
+    """Whether appending failed in a way that must end the stream. NotFound means the server's request is
+    gone: its stream is ending too, and its own end (an error, the frame limit) is what the caller hears."""
+    if not appender.done() or appender.cancelled() or appender.exception() is None:
+        return False
+    return not isinstance(appender.exception(), NotFound)

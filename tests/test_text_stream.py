@@ -41,6 +41,54 @@ def test_segments_end_at_sentences_never_mid_word_and_keep_the_speaker():
     assert Segmenter().push("No end yet") == [] and Segmenter().flush() == []
 
 
+class _GoneSession:
+    """A server-side session that failed: its stream ends with ``error`` after ``delay`` seconds, while
+    appends are refused at once with NotFound (the server no longer knows the request)."""
+
+    def __init__(self, error, delay):
+        self.error, self.delay = error, delay
+
+    async def chunks(self):
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return
+        yield
+
+    async def append(self, text=None, end=False):
+        from fish_s2.request import NotFound
+        raise NotFound("request_id", "no such request")
+
+
+class _OneSessionClient:
+    def __init__(self, session):
+        self.session = session
+
+    def open_session(self, text, **fields):
+        return self.session
+
+
+@pytest.mark.parametrize("error", [None, "voice_id"])
+def test_a_gone_request_reports_the_streams_own_end_not_the_appends_not_found(error):
+    """An append that reaches the relay after the failed stream is gone gets NotFound; what the caller
+    hears is the stream's own error (or its end by the server), whichever finishes first."""
+    from fish_s2.request import InvalidArgument
+    from fish_s2.text_session import TextSession
+
+    async def run():
+        session = TextSession(_OneSessionClient(_GoneSession(error and InvalidArgument(error, "unknown"), 0.2)))
+        await session.send_text("First sentence. Second sentence. ")
+        await session.end()
+        return session, [c async for c in session.chunks()]
+
+    if error:
+        with pytest.raises(InvalidArgument, match="^voice_id"):
+            asyncio.run(run())
+    else:
+        session, chunks = asyncio.run(run())
+        assert chunks == [] and session.ended_by_server
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_checkpoint, tmp_path_factory):
     try:

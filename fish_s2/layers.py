@@ -99,32 +99,43 @@ class FeedForward(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: [n_slots, n_kv_heads, max_len, head_dim].
+    """Preallocated keys and values for one layer in one tensor ``kv`` [2 (k, v), n_slots, n_kv_heads,
+    max_len, head_dim], so that a slot's entries move in one copy (a cached voice prefix, a row release).
 
     Owned by whoever runs the model (the engine's runner, the reference generator) and passed to each
     forward, never stored on the model. A batch row b of a forward call uses slot ``slots.start + b``;
     the caller keeps the rows it decodes together in consecutive slots so that the cache is read
-    through a view, not a gather.
+    through a view, not a gather. ``slots`` may also be a tensor of slot numbers (a CUDA graph that
+    serves any slot: its reads are then a gather).
     """
 
     def __init__(self, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None):
         super().__init__()
-        shape = (n_slots, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, n_slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, slots: slice, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
+    @property
+    def k(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v(self) -> Tensor:
+        return self.kv[1]
+
+    def write(self, slots: slice | Tensor, input_pos: Tensor, k: Tensor, v: Tensor,
+              kv_len: int) -> tuple[Tensor, Tensor]:
         """Store k/v [B, H, T, D] at per-row positions input_pos [B, T]; return the first kv_len entries.
 
-        Written with index_put_ on the whole buffer, not through a view of the rows: torch.compile then
-        writes in place (through a view it copies every row's whole cache each call)."""
+        Written with one index_put_ on the whole buffer, not through a view of the rows: torch.compile
+        then writes in place (through a view it copies every row's whole cache each call)."""
         B, H = k.shape[:2]
-        rows = torch.arange(slots.start or 0, (slots.start or 0) + B, device=k.device)[:, None, None]
-        idx = (rows, torch.arange(H, device=k.device)[None, :, None], input_pos[:, None, :])
-        self.k.index_put_(idx, k.to(self.k.dtype))
-        self.v.index_put_(idx, v.to(self.v.dtype))
-        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+        dev = k.device
+        rows = slots if isinstance(slots, Tensor) else torch.arange(slots.start or 0, (slots.start or 0) + B, device=dev)
+        idx = (torch.arange(2, device=dev)[:, None, None, None], rows[None, :, None, None],
+               torch.arange(H, device=dev)[None, None, :, None], input_pos[None, :, None, :])
+        self.kv.index_put_(idx, torch.stack([k, v]).to(self.kv.dtype))
+        return self.kv[0, slots, :, :kv_len], self.kv[1, slots, :, :kv_len]
 
 
 class Attention(nn.Module):

@@ -8,6 +8,8 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
     (weights + KV at the bucket it reads) as a share of the measured copy bandwidth, and the time the
     bucket's capture (and compile, for "compiled") took (build_s: every bucket built);
   * kv: the same at batch 64 with the rows at KV lengths 1k and 2k (compiled: last, within --budget-s);
+  * prefill: prompt (16 to 2000 tokens, no cached voice) to first frame in chunks of the admission
+    budget (engine.prefill_chunk_tokens, 512), graph vs compiled, with the build time of new buckets;
   * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
     step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
   * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
@@ -157,7 +159,7 @@ def fill(engine: Engine, n: int, prompt_len: int, kv_len: int | None = None) -> 
     for i in range(n):
         engine.submit(EngineRequest(prompt(engine.model_cfg, prompt_len, i), SamplingParams(seed=i),
                                     max_frames=engine.cfg.max_frames), lambda ev: None)
-    while engine.stats()["queued"]:
+    while engine.stats()["queued"] or engine.stats()["prefilling"]:
         engine.step()
     runner = engine.runner
     if kv_len is not None:
@@ -193,6 +195,27 @@ def decode_rows(engine: Engine, mode: str, batch_sizes: list[int], kv_lens: list
                             "fraction_of_copy_bw": nbytes / step / copy_bw, "build_s": runner.build_s.get(key)}})
         drain(engine)
     return rows
+
+
+def prefill_times(engine: Engine, lengths: list[int], reps: int, deadline: float = float("inf")) -> list[dict]:
+    """Time from a prompt (no cached prefix) to its first frame in a free row: its prefill in chunks of
+    engine.prefill_chunk_tokens (padded to their length buckets in graphs) and the first-frame graph."""
+    runner, out = engine.runner, []
+    for n in lengths:
+        if time.perf_counter() > deadline:
+            out.append({"tokens": n, "skipped": "past --budget-s"})
+            continue
+        req = EngineRequest(prompt(engine.model_cfg, n, n), SamplingParams(seed=0))
+        built = set(runner.build_s)
+
+        def once() -> None:
+            runner.admit(req)
+            runner.release(runner.n_active - 1)
+
+        t = timed(once, runner.device, reps)
+        new = {str(k): v for k, v in runner.build_s.items() if k not in built}
+        out.append({"tokens": n, "ms": 1e3 * t, "tokens_per_s": n / t, "build_s": new})
+    return out
 
 
 def profile(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int = 3) -> list[dict]:
@@ -443,11 +466,14 @@ def main(argv: list[str] | None = None) -> dict:
         dtype, codec_cfg = torch.float32, CodecConfig.tiny()
         batches, kv_lens, args.steps, args.prompt_len, args.voice_len, args.text_len = [1, 2], [64, 96], 2, 24, 32, 8
         args.ttfa_requests, args.load_seconds, warm_s, loads = 2, 1.0, 0.2, [(2, (8, 24), (4, 12))]
-        eng = dict(max_active=2, max_prompt_tokens=128, max_frames=128, graph_batch_sizes=(2,), min_kv_bucket=256)
+        prefill_lens = [20, 40]    # one padded bucket (32), then two chunks of 32 and 8 (bucket 16)
+        eng = dict(max_active=2, max_prompt_tokens=128, max_frames=128, graph_batch_sizes=(2,), min_kv_bucket=256,
+                   prefill_chunk_tokens=32)
     else:
         cfg, dtype, codec_cfg = DualARConfig.from_dict(S2_PRO_CONFIG_JSON), torch.bfloat16, CodecConfig.s2_pro()
         batches, kv_lens, warm_s = [1, 64], [1000, 2000], 3.0
         loads = [(16, (64, 200), (50, 250)), (64, (64, 200), (50, 250))]   # KV stays in the 512 bucket
+        prefill_lens = [16, 128, 512, 2000]   # 2000: four chunks of at most 512 (the admission budget)
         eng = dict(max_active=64, max_prompt_tokens=2048, max_frames=512, graph_batch_sizes=(1, 16, 64),
                    min_kv_bucket=512)
     model = random_model(cfg, device, dtype)
@@ -468,6 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     decode = decode_rows(engine, base, batches, [None] * len(batches), args.prompt_len, args.steps, copy_bw)
     kv = decode_rows(engine, base, [max(batches)] * len(kv_lens), kv_lens, args.prompt_len, args.steps, copy_bw)
     prof = {base: profile(engine, batches, args.prompt_len)}
+    prefill = {base: prefill_times(engine, prefill_lens, args.steps)}
     del engine
     gc.collect()
     if device.type == "cuda":
@@ -486,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     merge(decode, [None] * len(batches))
     prof["compiled"] = profile(engine, batches, args.prompt_len)
-    result.update(decode=decode, kv=kv, profile=prof)
+    prefill["compiled"] = prefill_times(engine, prefill_lens, args.steps, deadline)
+    result.update(decode=decode, kv=kv, profile=prof, prefill=prefill)
     result["ttfa"] = time_to_first_audio(engine, codec, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
     result["load"] = [load(engine, codec, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
     merge(kv, kv_lens, deadline)

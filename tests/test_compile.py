@@ -1,5 +1,6 @@
-"""The compiled decode step (engine.compile: on) against the eager one: greedy codes identical and fp32
-logits within 1e-4 of their scale on the tiny and small configs; sampling among k_max candidates equals
+"""The compiled decode step and prefill chunks (engine.compile: on) against the eager ones: greedy codes
+identical and fp32 logits within 1e-4 of their scale on the tiny and small configs (the steps read the
+KV that padded compiled prefill chunks wrote); sampling among k_max candidates equals
 the full sort and falls back to it when a top_k exceeds k_max; the fused w1/w3 keeps the checkpoint's
 names. On the CPU inductor compiles C++ (minutes per small-config graph on a busy 2-core machine), so
 each case compiles one bucket of each function once."""
@@ -17,7 +18,7 @@ from fish_s2.prompt import PromptBuilder
 from fish_s2.request import EngineRequest, SamplingParams, chunks_to_codes, collect
 from fish_s2.tiny import write_tiny_checkpoint
 
-CFG = dict(max_active=2, max_prompt_tokens=100, max_frames=24, graph_batch_sizes=(2,))
+CFG = dict(max_active=2, max_prompt_tokens=100, max_frames=24, graph_batch_sizes=(2,), prefill_chunk_tokens=14)
 TEXTS = ("Hello there, friend.", "The quick brown fox jumps over the lazy dog.")
 
 
@@ -41,13 +42,14 @@ def test_compiled_step_equals_eager(preset, tiny_checkpoint, tmp_path):
     eager = TorchRunner(ck.model, EngineConfig(**CFG, compile="off"))
     comp = TorchRunner(S2Checkpoint.load(path).model, EngineConfig(**CFG, compile="on"))
     assert comp.compiled and not eager.compiled and comp.model.slow.layers[0].feed_forward.w13 is not None
-    if preset == "small":   # the first-frame graph is compiled on tiny; here only the step (CPU compile time)
-        comp._first_fn = comp._first_frame_body
+    if preset == "small":   # the first frame and prefill are compiled on tiny; here only the step (CPU compile time)
+        comp._first_fn, comp._prefill_fn = comp._first_frame_body, comp._prefill_body
     logits_fn = compile_step(_logits)
     with torch.inference_mode():
-        for prompt in _prompts(ck):
+        for prompt in _prompts(ck):   # prefilled in chunks of 14, the last one padded to its bucket in "graphs"
             req = EngineRequest(prompt, SamplingParams(top_k=1))
-            assert torch.equal(eager.admit(req), comp.admit(req))
+            assert prompt.shape[1] % 14 and torch.equal(eager.admit(req), comp.admit(req))
+        assert [k for k in comp.build_s if k[0] == "prefill"] == [("prefill", 14, 124)]
         for i in range(12):
             if i % 4 == 0:
                 kv = comp.step_key(2)[1]

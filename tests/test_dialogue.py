@@ -1,6 +1,7 @@
 """Dialogue in the engine: several speaker-turn batches as one request, each later batch appended to the
 row's KV (only its new tokens prefilled), equal to upstream ``generate_long``'s re-prefilled batches."""
 
+import dataclasses
 import json
 import time
 
@@ -85,8 +86,10 @@ def test_three_turn_two_speaker_greedy_equals_generate_long(golden, golden_dir):
     assert np.array_equal(chunks_to_codes(chunks), expected.numpy())
 
 
-def test_sampled_dialogue_equals_generate_long_alongside_other_requests(tiny):
-    """Noise per batch from seed + batch index (upstream's keys); rows move as other requests leave."""
+@pytest.mark.parametrize("prefill_chunk", [512, 6])
+def test_sampled_dialogue_equals_generate_long_alongside_other_requests(tiny, prefill_chunk):
+    """Noise per batch from seed + batch index (upstream's keys); rows move as other requests leave; each
+    turn's segment may be prefilled over several steps (the admission budget) while the others run."""
     builder = PromptBuilder(tiny.tokenizer, tiny.config.num_codebooks)
     g = torch.Generator().manual_seed(3)
     refs = [Reference(f"Voice {i} speaking.", torch.randint(0, 1024, (10, 12), generator=g)) for i in range(2)]
@@ -95,7 +98,7 @@ def test_sampled_dialogue_equals_generate_long_alongside_other_requests(tiny):
     d, req = _dialogue_request(builder, DIALOGUE, refs, params, 10, 40, chunk_plan=ChunkPlan(4, 6, 3))
     others = [EngineRequest(*builder.request(f"Other request {i}.", [])[:1], SamplingParams(seed=i), max_frames=3 + i)
               for i in range(3)]
-    engine = Engine(tiny.model, CFG)
+    engine = Engine(tiny.model, dataclasses.replace(CFG, prefill_chunk_tokens=prefill_chunk))
     (chunks, done), *rest = _run(engine, [req, *others])
     assert all(r[1].error is None for r in rest)
     assert done.error is None and done.n_frames == expected.shape[1]

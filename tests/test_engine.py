@@ -247,14 +247,14 @@ def test_stop_with_a_stuck_loop_still_finishes_every_request(tiny):
     results are dropped when it returns."""
     engine = Engine(tiny.model, CFG)
     entered, release = threading.Event(), threading.Event()
-    real_step = engine.runner.step
+    real_launch = engine.runner.launch
 
-    def stuck_step(held=()):
+    def stuck_launch(held=()):
         entered.set()
         release.wait(30)
-        return real_step(held)
+        return real_launch(held)
 
-    engine.runner.step = stuck_step
+    engine.runner.launch = stuck_launch
     handles = [engine.submit(_request(tiny, f"Stuck {i}.", SamplingParams(seed=i), max_frames=30)) for i in range(3)]
     engine.start()
     thread = engine._thread
@@ -291,3 +291,82 @@ def test_out_of_range_ids_and_codes_are_refused(tiny, engine):
         engine.submit(EngineRequest(bad_id))
     with pytest.raises(InvalidArgument, match=r"prompt: codes"):
         engine.submit(EngineRequest(bad_code))
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_prompts_prefilled_in_chunks_equal_the_reference_generator(tiny, chunk):
+    """The admission budget cuts prompts into chunks (never across a voice prefix's end): the same codes as
+    one prefill, for cache misses and hits alike, with running streams sampled next to them."""
+    engine = Engine(tiny.model, dataclasses.replace(CFG, prefill_chunk_tokens=chunk))
+    reqs = [_request(tiny, f"Sentence number {i} is a little longer than the others.",
+                     SamplingParams(temperature=0.9, top_p=0.9, seed=i), voice=_voice(i % 2), max_frames=20)
+            for i in range(5)]
+    for req, (chunks, done) in zip(reqs, _run(engine, reqs)):
+        assert done.error is None
+        assert np.array_equal(chunks_to_codes(chunks), _expected(tiny, req, 20))
+    assert engine.runner.prefix_cache.stats()["entries"] == 2
+
+
+def test_running_streams_keep_their_cadence_while_a_long_prompt_joins(tiny):
+    """While a new request's prompt is prefilled chunk by chunk (prefill_chunk_tokens per step), every
+    running request still gets one frame per engine step; the newcomer's first frame comes after
+    ceil(prompt / chunk) steps."""
+    engine = Engine(tiny.model, dataclasses.replace(CFG, prefill_chunk_tokens=8))
+    frames: dict[str, int] = {}
+
+    def counter(rid):
+        def sink(ev):
+            if isinstance(ev, ChunkEvent):
+                frames[rid] = frames.get(rid, 0) + ev.chunk.n_frames
+        return sink
+
+    plan = ChunkPlan(first_chunk_frames=1, chunk_frames=1, context_frames=0)
+    short = _request(tiny, "Hi.", SamplingParams(top_k=1), max_frames=40, chunk_plan=plan)
+    engine.submit(short, counter("short"))
+    while "short" not in frames:
+        engine.step()
+    long = _request(tiny, "A much longer prompt " * 6, SamplingParams(top_k=1), max_frames=40, chunk_plan=plan)
+    steps = -(-(long.prompt.shape[1] - long.prefix_len) // 8)   # its voiceless system block is cached
+    assert steps > 3
+    engine.submit(long, counter("long"))
+    for i in range(steps):
+        before = frames["short"]
+        engine.step()
+        assert frames["short"] == before + 1 and ("long" in frames) == (i == steps - 1)
+    assert engine.runner.prefix_cache.stats()["hits"] == 1
+
+
+def test_overlapped_steps_give_the_same_streams(tiny):
+    """engine.overlap_steps: the next step is launched before a step's frames are handled whenever they
+    end no row's batch; the streams, their chunks and their ends are those of the plain loop."""
+    reqs = lambda: [_request(tiny, f"Sentence number {i}.", SamplingParams(temperature=0.9, top_p=0.9, seed=i),  # noqa: E731
+                             voice=_voice(i % 2), max_frames=6 + 5 * i,
+                             chunk_plan=ChunkPlan(first_chunk_frames=2, chunk_frames=3, context_frames=1))
+                    for i in range(5)]
+    results, overlapped = {}, 0
+    for mode in ("off", "on"):
+        engine = Engine(tiny.model, dataclasses.replace(CFG, overlap_steps=mode, prefill_chunk_tokens=8))
+        assert engine.overlap == (mode == "on")
+        handles = [engine.submit(r) for r in reqs()]
+        while engine.rows or engine.stats()["queued"]:
+            engine.step()
+            overlapped += engine._in_flight is not None
+        results[mode] = [collect(h) for h in handles]
+    assert overlapped > 10
+    for (a, fa), (b, fb) in zip(results["off"], results["on"]):
+        assert [c.index for c in a] == [c.index for c in b] and np.array_equal(chunks_to_codes(a), chunks_to_codes(b))
+        assert (fa.reason, fa.n_frames) == (fb.reason, fb.n_frames)
+
+
+def test_overlapped_steps_still_see_a_cancel_within_a_step(tiny):
+    engine = Engine(tiny.model, dataclasses.replace(CFG, overlap_steps="on", cancel_check_ms=0))
+    flag = {"cancel": False}
+    h = engine.submit(_request(tiny, "Polled.", SamplingParams(seed=4), max_frames=40,
+                               is_cancelled=lambda: flag["cancel"]))
+    for _ in range(4):
+        engine.step()
+    assert engine._in_flight is not None
+    flag["cancel"] = True
+    engine.step()   # handles the step in flight (the cancel seen: nothing launched), then the next one drops it
+    engine.step()
+    assert collect(h)[1].reason == "cancelled" and not engine.rows and engine._in_flight is None

@@ -25,6 +25,10 @@ def test_gpu_bench_dry_run(tmp_path):
     for mode in ("eager", "compiled"):
         for row in result["profile"][mode]:
             assert row["kernels_per_step"] > 0 and 0 < row["matmul_share"] < 1 and row["top_kernels"]
+    for mode in ("eager", "compiled"):   # prompt to first frame, in chunks of the admission budget (32)
+        assert [row["tokens"] for row in result["prefill"][mode]] == [20, 40]
+        assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 for row in result["prefill"][mode])
+    assert "('prefill', 32, 256)" in result["build_s"] and "('prefill', 16, 256)" in result["build_s"]
     ttfa = result["ttfa"]
     assert ttfa["ttfa_s"]["n"] == 2 and ttfa["ttfa_s"]["p50"] > 0 and ttfa["playback_gap_s"]["n"] == 2
     assert ttfa["prefix_cache"]["hits"] >= 3   # time to first audio is measured on a cached voice

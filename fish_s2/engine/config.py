@@ -10,7 +10,7 @@ from ..config import DualARConfig
 from ..request import ChunkPlan, EngineRequest, InvalidArgument
 
 
-COMPILE_MODES = ("auto", "on", "off")
+SWITCH_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,11 @@ class EngineConfig:
     chunk_plan: ChunkPlan = ChunkPlan()  # the default plan of a request that names none
     cancel_check_ms: int = 20            # how often each request's is_cancelled is asked (0: every step)
     session_idle_s: float = 60.0         # a session that waits longer than this for its next text is ended
+    prefill_chunk_tokens: int = 512      # admission budget: prompt tokens prefilled per engine step, in chunks of
+                                         # at most this many, so running streams keep their cadence while new
+                                         # requests join (0: whole prompts at once)
+    overlap_steps: str = "auto"          # launch the next decode step before the host handles a step's frames
+                                         # when they end no row's batch: auto (on CUDA only), on, off
     # the torch runner
     prefix_cache_bytes: int = 256 << 20
     cuda_graphs: bool = True             # CUDA only
@@ -53,10 +58,12 @@ class EngineConfig:
                 raise ValueError(f"engine.{name}: must be >= 1, got {getattr(self, name)}")
         if not self.session_idle_s > 0:
             raise ValueError(f"engine.session_idle_s: must be > 0, got {self.session_idle_s}")
-        if self.cancel_check_ms < 0 or self.prefix_cache_bytes < 0 or self.sample_k_max < 0:
-            raise ValueError("engine.cancel_check_ms, engine.prefix_cache_bytes and engine.sample_k_max: must be >= 0")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"engine.compile: expected one of {list(COMPILE_MODES)}, got {self.compile!r}")
+        for name in ("cancel_check_ms", "prefix_cache_bytes", "sample_k_max", "prefill_chunk_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"engine.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("compile", "overlap_steps"):
+            if getattr(self, name) not in SWITCH_MODES:
+                raise ValueError(f"engine.{name}: expected one of {list(SWITCH_MODES)}, got {getattr(self, name)!r}")
         if not self.graph_batch_sizes or min(self.graph_batch_sizes) < 1:
             raise ValueError("engine.graph_batch_sizes: must be a non-empty list of sizes >= 1")
         if self.max_seq_len > model_max_seq_len:

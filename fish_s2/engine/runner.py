@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,15 @@ from ..sampling import BatchSampling, empty_window, seed_to_key
 from .config import EngineConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prefill:
+    """A row's tokens not yet in its KV, and the batch they start."""
+    tokens: Tensor                    # [rows, T] on the device
+    key: int                          # the batch's noise key
+    store: tuple[str, int] | None = None   # (prefix key, P): a voice prefix to cache once the row reaches P
+    done: int = 0                     # tokens of it already prefilled
 
 
 def _bucket(n: int, sizes) -> int:
@@ -68,26 +78,39 @@ class TorchRunner:
         self.positions: list[int] = []   # host copy of each active row's position
         self.top_ks: list[int] = []      # host copy of each active row's top_k
         self.seeds: list[int] = []       # each active row's seed (a dialogue's later batches derive their noise key)
+        self.pending: list[_Prefill | None] = []   # each active row's tokens still to prefill
         self.prefill_tokens = 0          # prompt tokens run through the slow AR (cached voice prefixes excluded)
         self.prefix_cache = PrefixCache(cfg.prefix_cache_bytes)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.graph_sizes = tuple(s for s in cfg.graph_batch_sizes if s < B) + (B,)
         self.kv_buckets = self._kv_buckets(cfg.max_seq_len)
+        # prefill chunks in graphs: padded to a length bucket (16, doubling, up to the longest chunk); their
+        # KV read is the prompt's bucket (a dialogue's later turns, past it: the whole slot)
+        longest = min(cfg.prefill_chunk_tokens or cfg.max_prompt_tokens, cfg.max_prompt_tokens)
+        self.prefill_buckets = tuple(b for b in (16 << i for i in range(longest.bit_length())) if b < longest) + (longest,)
+        self.prefill_kv = (_bucket(cfg.max_prompt_tokens, self.kv_buckets), cfg.max_seq_len)
+        self.chunk_tokens = z(rows, longest)
+        self.chunk_pos = z(longest)
+        self.chunk_row, self.chunk_last = z(1), z(1)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._host_frames: list[Tensor] | None = None
+        self._flip = 0
         self._graph_pool = None
         self.build_s: dict[tuple, float] = {}   # bucket -> seconds its compile and/or capture took
         if cfg.compile == "on" and fast_ar is not None:
             raise ValueError("engine.compile: 'on' needs the torch fast AR (another runtime cannot be compiled)")
         self.compiled = fast_ar is None and (cfg.compile == "on" or
                                              (cfg.compile == "auto" and self.device.type == "cuda"))
-        self._step_fn, self._first_fn = self._step_body, self._first_frame_body
+        self._step_fn, self._first_fn, self._prefill_fn = self._step_body, self._first_frame_body, self._prefill_body
         if self.compiled:
             model.fuse_weights()
-            limit = len(self.graph_sizes) * len(self.kv_buckets) + 64  # one compile per (batch, KV) bucket
+            # one compile per (batch, KV) and (prefill length, KV) bucket
+            limit = (len(self.graph_sizes) + len(self.prefill_buckets)) * len(self.kv_buckets) + 64
             dynamo = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
             dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
             self._step_fn, self._first_fn = compile_step(self._step_body), compile_step(self._first_frame_body)
+            self._prefill_fn = compile_step(self._prefill_body)
 
     @property
     def n_active(self) -> int:
@@ -97,34 +120,104 @@ class TorchRunner:
 
     @torch.inference_mode()
     def admit(self, req: EngineRequest, key: int | None = None) -> Tensor:
-        """Prefill a request into the next free row; returns its first frame [num_codebooks + 1] (host).
-        ``key``: its noise key, if not the one of its seed (replaying a recorded noise stream)."""
-        r, p = self.n_active, req.params
-        self.positions.append(0)
-        self.top_ks.append(p.top_k_used)
-        self.seeds.append(p.seed)
-        self.temperature[r], self.top_p[r], self.top_k[r] = p.temperature, p.top_p, p.top_k_used
+        """Prefill a request into the next free row at once; returns its first frame [num_codebooks + 1]
+        (host). ``key``: its noise key, if not the one of its seed (replaying a recorded noise stream)."""
+        r = self.begin(req, key)
         try:
-            hidden = self._prefill(r, torch.as_tensor(req.prompt).to(self.device, torch.long), req.prefix_len)
-            return self._start_batch(r, hidden, seed_to_key(p.seed) if key is None else key)
+            return self.prefill(r)[1]
         except BaseException:
             self.release(r)
             raise
 
     @torch.inference_mode()
-    def extend(self, r: int, tokens, turn: int) -> Tensor:
-        """A dialogue's next turn batch in row r: prefill only ``tokens`` [rows, t] (the segment after the
-        batch that just ended) at the row's position, then start the batch as upstream ``generate_long``
-        starts each one: noise key of seed + ``turn``, frame numbers from 0, an empty repetition window.
-        Returns the batch's first frame (host). The frame that ended the last batch (<|im_end|>, or the
-        last one of its budget) was never fed, so the sequence is exactly upstream's re-prefilled history."""
-        tokens = torch.as_tensor(tokens).to(self.device, torch.long)
-        start, end = self.positions[r], self.positions[r] + tokens.shape[1]
-        hidden = self.model.slow(tokens[None], torch.arange(start, end, device=self.device)[None], slice(r, r + 1),
-                                 end, self.slow_cache)[:, -1]
-        self.prefill_tokens += tokens.shape[1]
-        self.positions[r] = end
-        return self._start_batch(r, hidden, seed_to_key(self.seeds[r] + turn))
+    def begin(self, req: EngineRequest, key: int | None = None) -> int:
+        """Take the next free row for a request: its sampling state set, a cached voice prefix copied into
+        its KV (one copy per layer); the rest of its prompt waits for :meth:`prefill`. Returns the row."""
+        r, p = self.n_active, req.params
+        self.positions.append(0)
+        self.top_ks.append(p.top_k_used)
+        self.seeds.append(p.seed)
+        self.pending.append(None)
+        self.temperature[r], self.top_p[r], self.top_k[r] = p.temperature, p.top_p, p.top_k_used
+        try:
+            prompt, P = torch.as_tensor(req.prompt).to(self.device, torch.long), req.prefix_len
+            store, start = None, 0
+            if P:
+                pkey = prefix_key(prompt[:, :P], self.model_tag)
+                kv = self.prefix_cache.get(pkey)
+                if kv is None:
+                    store = (pkey, P)
+                else:
+                    for i, c in enumerate(self.slow_cache):
+                        c.kv[:, r, :, :P] = kv[i]
+                    start = P
+            self.positions[r] = start
+            self.pos[r] = start   # until its first frame the row is held: padding writes land where prefill goes next
+            self.pending[r] = _Prefill(prompt[:, start:], seed_to_key(p.seed) if key is None else key, store)
+        except BaseException:
+            self.release(r)
+            raise
+        return r
+
+    def extend(self, r: int, tokens, turn: int) -> None:
+        """A dialogue's next turn batch in row r: ``tokens`` [rows, t] (the segment after the batch that
+        just ended) wait for :meth:`prefill` at the row's position; the batch then starts as upstream
+        ``generate_long`` starts each one: noise key of seed + ``turn``, frame numbers from 0, an empty
+        repetition window. The frame that ended the last batch (<|im_end|>, or the last one of its budget)
+        was never fed, so the sequence is exactly upstream's re-prefilled history."""
+        self.pending[r] = _Prefill(torch.as_tensor(tokens).to(self.device, torch.long), seed_to_key(self.seeds[r] + turn))
+        self.pos[r] = self.positions[r]
+
+    def pending_tokens(self, r: int) -> int:
+        return 0 if self.pending[r] is None else self.pending[r].tokens.shape[1] - self.pending[r].done
+
+    @torch.inference_mode()
+    def prefill(self, r: int, budget: int | None = None) -> tuple[int, Tensor | None]:
+        """Row r's pending tokens into its KV, in chunks of at most ``engine.prefill_chunk_tokens`` that
+        never cross the end of a voice prefix (stored in the prefix cache once computed), while whole
+        chunks fit in ``budget`` tokens (None: all; at least one chunk always runs). Returns (tokens run,
+        the batch's first frame on the host once nothing is pending, else None)."""
+        job, ran = self.pending[r], 0
+        while job.done < job.tokens.shape[1]:
+            n = job.tokens.shape[1] - job.done
+            if job.store is not None and self.positions[r] < job.store[1]:
+                n = min(n, job.store[1] - self.positions[r])
+            n = min(n, self.cfg.prefill_chunk_tokens or n)
+            if ran and budget is not None and ran + n > budget:
+                return ran, None
+            hidden = self._prefill_chunk(r, job.tokens[:, job.done:job.done + n])
+            job.done, ran = job.done + n, ran + n
+            self.positions[r] += n
+            self.pos[r] = self.positions[r]
+            if job.store is not None and self.positions[r] == job.store[1]:
+                P = job.store[1]
+                self.prefix_cache.put(job.store[0], torch.stack([c.kv[:, r, :, :P] for c in self.slow_cache]).clone())
+        self.pending[r] = None
+        return ran, self._start_batch(r, hidden, job.key)
+
+    def _prefill_chunk(self, r: int, tokens: Tensor) -> Tensor:
+        """``tokens`` [rows, t] into row r's KV at its position; the last token's hidden state [1, dim].
+        Eager: exactly t tokens. In graphs (or compiled): padded to the chunk's length bucket, in the
+        graph of (length bucket, KV bucket) that serves any row; the padding writes KV only past the
+        chunk's end (clamped to the last slot position), where the real tokens that come later write."""
+        t = tokens.shape[1]
+        start, end = self.positions[r], self.positions[r] + t
+        self.prefill_tokens += t
+        if not (self.use_graphs or self.compiled):
+            return self.model.slow(tokens[None], torch.arange(start, end, device=self.device)[None], slice(r, r + 1),
+                                   end, self.slow_cache)[:, -1]
+        tb = _bucket(t, self.prefill_buckets)
+        self.chunk_tokens[:, :t] = tokens
+        torch.arange(start, start + tb, out=self.chunk_pos[:tb]).clamp_(max=self.cfg.max_seq_len - 1)
+        self.chunk_row.fill_(r)
+        self.chunk_last.fill_(t - 1)
+        return self._run(("prefill", tb, _bucket(end, self.prefill_kv)))
+
+    def _prefill_body(self, t: int, kv_len: int) -> Tensor:
+        """A prefill chunk of length bucket t from the static chunk buffers (graph-capturable)."""
+        pos = self.chunk_pos[None, :t]
+        hidden = self.model.slow(self.chunk_tokens[None, :, :t], pos, self.chunk_row, kv_len, self.slow_cache)
+        return hidden[0].index_select(0, self.chunk_last)
 
     def _start_batch(self, r: int, hidden: Tensor, key: int) -> Tensor:
         """Row r's first frame of a batch from the prefill's last hidden state; its decode state set to
@@ -135,29 +228,6 @@ class TorchRunner:
         frame = self._first_frame(r, hidden)
         self.cur[r], self.pos[r], self.frame_idx[r] = frame, self.positions[r], 1
         return frame.cpu()
-
-    def _prefill(self, r: int, prompt: Tensor, P: int) -> Tensor:
-        """The prompt into row r's KV (a cached voice prefix copied in instead of computed); the last
-        position's hidden state."""
-        slow, sl, T, start = self.model.slow, slice(r, r + 1), prompt.shape[1], 0
-        if P:
-            key = prefix_key(prompt[:, :P], self.model_tag)
-            kv = self.prefix_cache.get(key)
-            if kv is None:
-                slow(prompt[None, :, :P], torch.arange(P, device=self.device)[None], sl, P, self.slow_cache)
-                self.prefill_tokens += P
-                self.prefix_cache.put(key, torch.stack([torch.stack([c.k[r, :, :P], c.v[r, :, :P]])
-                                                        for c in self.slow_cache]).clone())
-            else:
-                for i, c in enumerate(self.slow_cache):
-                    c.k[r, :, :P] = kv[i, 0]
-                    c.v[r, :, :P] = kv[i, 1]
-            start = P
-        hidden = slow(prompt[None, :, start:], torch.arange(start, T, device=self.device)[None], sl, T,
-                      self.slow_cache)[:, -1]
-        self.prefill_tokens += T - start
-        self.positions[r] = T
-        return hidden
 
     def _first_frame(self, r: int, hidden: Tensor) -> Tensor:
         """A new request's first frame (no repetition window yet), made in the scratch row so that on
@@ -183,12 +253,18 @@ class TorchRunner:
 
     # ------------------------------------------------------------------ decode
 
-    @torch.inference_mode()
     def step(self, held: list[int] = ()) -> Tensor:
         """One batched frame for every active row; advances their state and returns the frames
-        [n, num_codebooks + 1] on the host. ``held`` rows (sessions waiting for text) are computed as
-        padding and keep their position: their only write is KV at their next free position, which the
-        prefill of their next segment overwrites."""
+        [n, num_codebooks + 1] on the host. ``held`` rows (sessions waiting for text, rows still
+        prefilling) are computed as padding and keep their position: their only write is KV at their next
+        free position, which the prefill of their next tokens overwrites."""
+        return self.launch(held)()
+
+    @torch.inference_mode()
+    def launch(self, held: list[int] = ()) -> Callable[[], Tensor]:
+        """:meth:`step` without waiting: the step is queued on the device and its frames copied into
+        pinned host memory without blocking; the returned function waits for them (a host copy of its
+        own: the chunker keeps views of frames). The next step may be launched before it is called."""
         n = self.n_active
         frames = self._decode(n)
         self.cur[:n] = frames
@@ -199,7 +275,21 @@ class TorchRunner:
         for r in held:
             self.pos[r] -= 1
             self.positions[r] -= 1
-        return frames.cpu()
+        if self.device.type != "cuda":
+            frames = frames.clone()
+            return lambda: frames
+        if self._host_frames is None:   # two pinned buffers: one being read while the next step copies
+            self._host_frames = [torch.empty(self.cur.shape, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        host = self._host_frames[self._flip][:n]
+        self._flip ^= 1
+        host.copy_(frames, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def result() -> Tensor:
+            copied.synchronize()
+            return host.clone()
+        return result
 
     def _step_body(self, n: int, kv_len: int, k_max: int | None = None) -> Tensor:
         """One batched frame for rows 0..n-1 from the static state buffers (graph-capturable: no host sync)."""
@@ -231,6 +321,8 @@ class TorchRunner:
     def _body(self, key: tuple) -> Callable[[], Tensor]:
         """A bucket's function: compiled when compiling, except the rare full-sort fallback (eager in its
         graph: no compile for it at startup, none when a large top_k first arrives)."""
+        if key[0] == "prefill":
+            return lambda: self._prefill_fn(*key[1:])
         first = key[0] == "first"
         if key[-1] is None:
             return (lambda: self._first_frame_body(None)) if first else (lambda: self._step_body(*key))
@@ -250,7 +342,7 @@ class TorchRunner:
         """A bucket's first use: compile it (with compile) and capture its graph (with graphs) now; the
         time that took is kept in ``build_s``."""
         t = time.perf_counter()
-        if key[0] != "first":
+        if isinstance(key[0], int):
             self.pos[self.n_active:key[0]] = 0  # padding rows: free slots, write KV at their position 0 only
         if self.use_graphs:
             self._capture(key, self._body(key))
@@ -263,13 +355,14 @@ class TorchRunner:
 
     def capture_graphs(self, max_batch: int, max_kv: int, top_ks: tuple[int, ...] = (1, 1 << 30)) -> int:
         """Capture (and, with compile, compile) the decode graphs for every bucket up to (max_batch, max_kv)
-        and the sampling buckets of ``top_ks`` now, so that no request pays for them later (call when
-        idle, e.g. at server start). Returns the number of graphs."""
+        and the sampling buckets of ``top_ks``, and the prompt's prefill chunks, now, so that no request
+        pays for them later (call when idle, e.g. at server start). Returns the number of graphs."""
         if not self.use_graphs:
             return 0
         ks = dict.fromkeys(k_bucket([k], self.cfg.sample_k_max) for k in top_ks)
         top = _bucket(min(max_batch, self.cfg.max_active), self.graph_sizes)
-        keys = [("first", k) for k in ks] + [  # largest first: smaller graphs reuse its pool
+        keys = [("prefill", t, self.prefill_kv[0]) for t in reversed(self.prefill_buckets)] + [  # largest first:
+            ("first", k) for k in ks] + [                                        # smaller graphs reuse its pool
             (nb, kv, k) for nb in reversed([s for s in self.graph_sizes if s <= top])
             for kv in reversed(self._kv_buckets(max_kv)) for k in ks]
         with torch.inference_mode():
@@ -305,13 +398,12 @@ class TorchRunner:
         if r != last:
             n_kv = self.positions[last]
             for c in self.slow_cache:
-                c.k[r, :, :n_kv] = c.k[last, :, :n_kv]
-                c.v[r, :, :n_kv] = c.v[last, :, :n_kv]
+                c.kv[:, r, :, :n_kv] = c.kv[:, last, :, :n_kv]
             for buf in (self.cur, self.pos, self.frame_idx, self.window, self.temperature, self.top_p,
                         self.top_k, self.key):
                 buf[r] = buf[last]
-            self.positions[r], self.top_ks[r], self.seeds[r] = self.positions[last], self.top_ks[last], self.seeds[last]
-        self.positions.pop()
-        self.top_ks.pop()
-        self.seeds.pop()
+            for host in (self.positions, self.top_ks, self.seeds, self.pending):
+                host[r] = host[last]
+        for host in (self.positions, self.top_ks, self.seeds, self.pending):
+            host.pop()
         self.pos[last] = 0  # a free row may still be computed as CUDA-graph padding: keep its writes in range

@@ -2,8 +2,9 @@
 
 Requests are submitted from any thread at any time (refused at once when invalid, busy or stopping).
 One loop thread admits queued requests into free rows of the :class:`~fish_s2.engine.runner.TorchRunner`
-(prefill, reusing a cached voice prefix when it can) and runs one batched decode step for all active
-requests. Each request lives in a :class:`~fish_s2.request.Lifecycle`: frames become chunks by its
+(reusing a cached voice prefix when it can) and runs one batched decode step for all active requests,
+then prefills waiting prompts within the admission budget (``engine.prefill_chunk_tokens`` per step, in
+admission order), so that running streams keep their cadence while new requests join. Each request lives in a :class:`~fish_s2.request.Lifecycle`: frames become chunks by its
 plan, cancellation (explicit, or polled from the client) ends it at the next step, a dialogue's next
 turn batch is appended to its row's KV when the batch before it ends (only the new tokens are
 prefilled), and every request ends with exactly one Finished on whichever path ends it first, its row freed on that same path.
@@ -35,6 +36,10 @@ class Engine:
         self.lifecycle = Lifecycle(self.cfg.max_in_flight, self.cfg.chunk_plan, self.cfg.max_frames,
                                    on_cancel=lambda live: self._wake(), check_period_s=self.cfg.cancel_check_ms / 1000)
         self.rows: list[Live] = []          # rows[r] is served by the runner's row r
+        self._prefilling: deque[Live] = deque()   # rows with tokens to prefill, in the order they asked
+        self._in_flight: tuple | None = None      # a launched step whose frames the next step() handles
+        self.overlap = self.cfg.overlap_steps == "on" or (self.cfg.overlap_steps == "auto"
+                                                          and self.runner.device.type == "cuda")
         self._queue: deque[Live] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -96,7 +101,7 @@ class Engine:
         self.lifecycle.finish_all("cancelled", Unavailable("the server is shutting down; retry on another server"))
 
     def stats(self) -> dict:
-        return {"active": len(self.rows), "queued": len(self._queue),
+        return {"active": len(self.rows), "queued": len(self._queue), "prefilling": len(self._prefilling),
                 "frames_generated": self.lifecycle.frames_generated, "prefill_tokens": self.runner.prefill_tokens,
                 "prefix_cache": self.runner.prefix_cache.stats()}
 
@@ -126,7 +131,23 @@ class Engine:
                 self.lifecycle.finish_all("error", Internal("the engine loop stopped"))
 
     def step(self) -> None:
-        """Handle cancels, admit queued requests into free rows, run one decode step."""
+        """Handle cancels, admit queued requests into free rows, run one decode step, prefill within the
+        admission budget. With overlapped steps (engine.overlap_steps) a step whose frames end no row's
+        batch, while nothing else waits, has the next step launched before its frames are handled: the
+        host's work for them runs while the device computes, and the next call starts from that step."""
+        if self._in_flight is not None:
+            (launched, held), self._in_flight = self._in_flight, None
+            self._decode(launched, held)
+        else:
+            self._prepare()
+            held = [r for r, live in enumerate(self.rows) if live.parked or live.prefilling]
+            if len(held) < len(self.rows):
+                self._decode(self._launch(held), held)
+        if self._in_flight is None:
+            self._prefill()
+
+    def _prepare(self) -> None:
+        """Cancels, admissions into free rows, parked sessions whose text arrived or that idled too long."""
         self.lifecycle.poll_cancelled()
         self._drop_cancelled()
         while len(self.rows) < self.cfg.max_active:
@@ -143,23 +164,81 @@ class Engine:
             if live.parked and self._runnable(live):
                 live.parked = False
                 self._after_batch(r)
-            elif live.parked and time.monotonic() - live.parked_at > self.cfg.session_idle_s:
+            elif live.parked and self._idled(live):
                 self._end(r, "cancelled", Cancelled(f"the session had no text for {self.cfg.session_idle_s:g} s "
                                                     "(engine.session_idle_s) and was ended"))
-        parked = [r for r, live in enumerate(self.rows) if live.parked]
-        if len(parked) == len(self.rows):
+
+    def _idled(self, live: Live) -> bool:
+        return time.monotonic() - live.parked_at > self.cfg.session_idle_s
+
+    def _launch(self, held: list[int]) -> Callable[[], object] | None:
+        try:
+            return self.runner.launch(held=held)
+        except Exception as e:
+            self._fail_step(e)
+            return None
+
+    def _fail_step(self, e: Exception) -> None:
+        """A failed step fails the requests in it; the engine keeps serving."""
+        log.exception("decode step failed")
+        error = Internal(f"decode step failed: {type(e).__name__}: {e}")
+        for r in reversed(range(len(self.rows))):
+            self._end(r, "error", error)
+
+    def _decode(self, launched: Callable[[], object] | None, held: list[int]) -> None:
+        """A launched step's frames to every row that is not held (parked, or still prefilling)."""
+        if launched is None:
             return
         try:
-            frames = self.runner.step(held=parked)
-        except Exception as e:  # a failed step fails the requests in it, the engine keeps serving
-            log.exception("decode step failed")
-            error = Internal(f"decode step failed: {type(e).__name__}: {e}")
-            for r in reversed(range(len(self.rows))):
-                self._end(r, "error", error)
+            frames = launched()
+        except Exception as e:
+            self._fail_step(e)
             return
-        for r in reversed(range(len(self.rows))):
-            if not self.rows[r].parked:
+        held_rows = {id(self.rows[r]) for r in held}
+        if self.overlap and self._steady(frames, held_rows):
+            launched = self._launch(held)
+            if launched is not None:
+                self._in_flight = (launched, held)
+        for r in reversed(range(len(self.rows))):   # a row that ends takes the last one's place: done already
+            if id(self.rows[r]) not in held_rows:
                 self._on_frame(r, frames[r])
+
+    def _steady(self, frames, held_rows: set[int]) -> bool:
+        """Whether the next step may run before these frames are handled: they end no row's batch or
+        request, and nothing waits for the top of :meth:`step` (a cancel, a queued request with a free
+        row, a prefill, a parked session's text or idle end)."""
+        if self._stopping or self._prefilling or (self._queue and len(self.rows) < self.cfg.max_active):
+            return False
+        self.lifecycle.poll_cancelled()
+        for r, live in enumerate(self.rows):
+            if live.cancel_requested or live.done or (live.parked and (self._runnable(live) or self._idled(live))):
+                return False
+            if id(live) not in held_rows and (int(frames[r][0]) == self.model_cfg.eos_id
+                                               or live.turn_frames + 1 >= live.max_frames
+                                               or live.n_frames + 1 >= live.max_total_frames):
+                return False
+        return True
+
+    def _prefill(self) -> None:
+        """Prefill waiting rows in the order they asked, within this step's budget; each that completes
+        sends its batch's first frame."""
+        budget = self.cfg.prefill_chunk_tokens or None
+        while self._prefilling and (budget is None or budget > 0):
+            live = self._prefilling[0]
+            r = self.rows.index(live)
+            try:
+                ran, frame = self.runner.prefill(r, budget)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._end(r, "error", Internal(f"prefill of batch {live.turn} failed: {type(e).__name__}: {e}"))
+                continue
+            if budget is not None:
+                budget -= ran
+            if frame is None:
+                return
+            self._prefilling.popleft()
+            live.prefilling = False
+            self._on_frame(r, frame)
 
     @staticmethod
     def _runnable(live: Live) -> bool:
@@ -179,13 +258,17 @@ class Engine:
 
     def _admit(self, live: Live) -> None:
         try:
-            frame = self.runner.admit(live.req)
+            self.runner.begin(live.req)
         except Exception as e:
-            log.exception("prefill failed")
+            log.exception("admission failed")
             self.lifecycle.finish(live, "error", Internal(f"prefill failed: {type(e).__name__}: {e}"))
             return
         self.rows.append(live)
-        self._on_frame(len(self.rows) - 1, frame)
+        self._await_prefill(live)
+
+    def _await_prefill(self, live: Live) -> None:
+        live.prefilling = True
+        self._prefilling.append(live)
 
     def _on_frame(self, r: int, frame) -> None:
         """A row's new frame: sent, or the end of its batch (<|im_end|> or its budget's last frame)."""
@@ -232,18 +315,15 @@ class Engine:
         live = self.rows[r]
         live.turn += 1
         live.turn_frames = 0
-        try:
-            frame = self.runner.extend(r, segment, live.turn)
-        except Exception as e:
-            log.exception("prefill of turn %d failed", live.turn)
-            self._end(r, "error", Internal(f"prefill of turn {live.turn} failed: {type(e).__name__}: {e}"))
-            return
-        self._on_frame(r, frame)
+        self.runner.extend(r, segment, live.turn)
+        self._await_prefill(live)
 
     def _end(self, r: int, reason: str, error: RequestError | None = None) -> None:
         """Free row r (the last row moves into it), then end its request."""
         live = self.rows[r]
         try:
+            if live.prefilling:
+                self._prefilling.remove(live)
             self.runner.release(r)
             self.rows[r] = self.rows[-1]
             self.rows.pop()

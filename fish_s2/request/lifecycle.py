@@ -48,6 +48,7 @@ class Live:
     parked: bool = False                  # a session between batches, waiting for its next segment
     parked_at: float = 0.0                # since when (time.monotonic())
     held_frame: object = None             # a parked batch's last frame at its budget: sent only if no batch follows
+    prefilling: bool = False              # its prompt or next segment is going into its KV (no frames meanwhile)
     cancel_requested: bool = False
     done: bool = False
     engine_state: object = None           # the engine's own handle on the request (e.g. a result object)

@@ -253,12 +253,18 @@ class PlanSettings:
     max_active: int | None = None        # None: derived (slots)
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     max_frames: int | None = None        # None: DEFAULT_MAX_FRAMES, or derived when max_active is given
+    prefill_chunk_tokens: int | None = None   # the engine's admission budget (None or 0: whole prompts at once)
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     max_slots: int = 64                  # cap on derived slots
     codec_sessions: int = 2              # codec copies loaded on this device: decoder + reference encoder
     codec_batch: int = 8                 # codec decoder batch (Triton's codec_max_batch)
     codec_chunk_frames: int = 50         # longest chunk: max(first, chunk) + context frames (ChunkPlan)
     reference_seconds: float = 30.0      # longest reference the encoder takes (max_reference_seconds)
+
+    @property
+    def longest_prefill(self) -> int:
+        """Tokens of the longest prefill forward: a whole prompt, or the admission budget's chunk."""
+        return min(self.prefill_chunk_tokens or self.max_prompt_tokens, self.max_prompt_tokens)
 
     def validate(self) -> "PlanSettings":
         if self.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", self.device):
@@ -416,9 +422,9 @@ def derive_capacity(kv_budget: int, kv_per_token: int, slot_overhead: int, max_p
 
 
 def _prefill_activations(cfg: DualARConfig, s: PlanSettings, tokens: int) -> int:
-    """Estimate: a prefill of max_prompt_tokens, fp32 worst case of the widest layer tensors, plus the
-    boolean attention mask over a slot of ``tokens``."""
-    c, T = cfg.slow, s.max_prompt_tokens
+    """Estimate: the longest prefill chunk (max_prompt_tokens, or the admission budget's chunk), fp32
+    worst case of the widest layer tensors, plus the boolean attention mask over a slot of ``tokens``."""
+    c, T = cfg.slow, s.longest_prefill
     return T * (3 * c.intermediate_size + 2 * c.dim + (c.n_head + 2 * c.n_kv_head) * c.head_dim) * 4 \
         + (c.n_head // c.n_kv_head) * T * tokens
 
@@ -472,7 +478,7 @@ def plan_memory(cfg: DualARConfig, settings: PlanSettings, available_bytes: int,
         fixed.append(Component("codec activations", act, f"decode {s.codec_batch} x {s.codec_chunk_frames} frames, "
                                f"encode {s.reference_seconds:g} s", estimate=True))
     fixed.append(Component("prefill activations", _prefill_activations(cfg, s, tokens_bound),
-                           f"{s.max_prompt_tokens} tokens", estimate=True))
+                           f"{s.longest_prefill} tokens", estimate=True))
 
     fixed_bytes = sum(x.bytes for x in fixed)
     budget = int(s.kv_memory_fraction * max(0, available_bytes - fixed_bytes))

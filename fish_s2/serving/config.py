@@ -116,6 +116,7 @@ class ServingConfig:
         return mp.settings_for(self.profile, device=self.device, runtime=self.runtime, dtype=self.dtype,
                                kv_memory_fraction=self.kv_memory_fraction, max_active=e.max_active,
                                max_prompt_tokens=e.max_prompt_tokens, max_frames=e.max_frames,
+                               prefill_chunk_tokens=e.prefill_chunk_tokens,
                                prefix_cache_bytes=e.prefix_cache_bytes, max_slots=self.max_slots,
                                codec_batch=codec_batch, reference_seconds=self.max_reference_seconds,
                                codec_chunk_frames=e.chunk_plan.longest_chunk)

@@ -10,6 +10,8 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
   * kv: the same at batch 64 with the rows at KV lengths 1k and 2k (compiled: last, within --budget-s);
   * prefill: prompt (16 to 2000 tokens, no cached voice) to first frame in chunks of the admission
     budget (engine.prefill_chunk_tokens, 512), graph vs compiled, with the build time of new buckets;
+  * self_check: a prompt prefilled in compiled chunk graphs writes the KV an eager prefill writes
+    (relative error), overlapped steps give exactly the plain loop's streams ("ok" says both hold);
   * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
     step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
   * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
@@ -51,7 +53,7 @@ from fish_s2.codec import Codec, CodecConfig
 from fish_s2.config import S2_PRO_CONFIG_JSON, DualARConfig
 from fish_s2.dual_ar import DualAR
 from fish_s2.engine import Engine, EngineConfig
-from fish_s2.request import ChunkEvent, EngineRequest, Finished, Player, SamplingParams
+from fish_s2.request import ChunkEvent, EngineRequest, Finished, Player, SamplingParams, chunks_to_codes, collect
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import PRESETS
 
@@ -216,6 +218,34 @@ def prefill_times(engine: Engine, lengths: list[int], reps: int, deadline: float
         new = {str(k): v for k, v in runner.build_s.items() if k not in built}
         out.append({"tokens": n, "ms": 1e3 * t, "tokens_per_s": n / t, "build_s": new})
     return out
+
+
+def self_check(engine: Engine, eng: dict, tokens: int) -> dict:
+    """The GPU-only paths against plain ones on this device: a prompt prefilled in padded chunk graphs
+    (compiled) writes the KV an eager prefill writes (relative error; bf16), and overlapped steps give
+    exactly the streams of the plain loop (same graphs, same codes)."""
+    cfg, model = engine.model_cfg, engine.runner.model
+    eager = Engine(model, EngineConfig(**{**eng, "max_active": 1, "graph_batch_sizes": (1,)}, compile="off",
+                                       cuda_graphs=False))
+    req = EngineRequest(prompt(cfg, tokens, 5), SamplingParams(seed=5))
+    for runner in (eager.runner, engine.runner):
+        runner.admit(req)
+    kv = [torch.stack([c.kv[:, 0, :, :tokens] for c in r.slow_cache]).float() for r in (eager.runner, engine.runner)]
+    rel = float((kv[0] - kv[1]).norm() / kv[0].norm())
+    for runner in (eager.runner, engine.runner):
+        runner.release(0)
+    del eager, kv
+    streams, overlap = {}, engine.overlap
+    for engine.overlap in (True, False):
+        handles = [engine.submit(EngineRequest(prompt(cfg, 30 + 20 * i, i), SamplingParams(seed=i), max_frames=24))
+                   for i in range(4)]
+        while engine.rows or engine.stats()["queued"]:
+            engine.step()
+        streams[engine.overlap] = [chunks_to_codes(collect(h)[0]) for h in handles]
+    engine.overlap = overlap
+    same = all(np.array_equal(a, b) for a, b in zip(streams[True], streams[False]))
+    return {"prefill_tokens": tokens, "prefill_kv_rel_err": rel, "overlap_same_streams": same,
+            "ok": rel < 2e-2 and same}
 
 
 def profile(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int = 3) -> list[dict]:
@@ -465,8 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dataclasses.replace(DualARConfig.from_dict(S2_PRO_CONFIG_JSON), slow=slow, fast=fast)
         dtype, codec_cfg = torch.float32, CodecConfig.tiny()
         batches, kv_lens, args.steps, args.prompt_len, args.voice_len, args.text_len = [1, 2], [64, 96], 2, 24, 32, 8
-        args.ttfa_requests, args.load_seconds, warm_s, loads = 2, 1.0, 0.2, [(2, (8, 24), (4, 12))]
+        args.ttfa_requests, args.load_seconds, warm_s, loads = 2, 3.0, 0.5, [(2, (8, 24), (4, 12))]
         prefill_lens = [20, 40]    # one padded bucket (32), then two chunks of 32 and 8 (bucket 16)
+        check_len = 120            # chunks of 32 and a padded 24
         eng = dict(max_active=2, max_prompt_tokens=128, max_frames=128, graph_batch_sizes=(2,), min_kv_bucket=256,
                    prefill_chunk_tokens=32)
     else:
@@ -474,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
         batches, kv_lens, warm_s = [1, 64], [1000, 2000], 3.0
         loads = [(16, (64, 200), (50, 250)), (64, (64, 200), (50, 250))]   # KV stays in the 512 bucket
         prefill_lens = [16, 128, 512, 2000]   # 2000: four chunks of at most 512 (the admission budget)
+        check_len = 1100                      # chunks of 512, 512 and a padded 76
         eng = dict(max_active=64, max_prompt_tokens=2048, max_frames=512, graph_batch_sizes=(1, 16, 64),
                    min_kv_bucket=512)
     model = random_model(cfg, device, dtype)
@@ -515,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     prof["compiled"] = profile(engine, batches, args.prompt_len)
     prefill["compiled"] = prefill_times(engine, prefill_lens, args.steps, deadline)
     result.update(decode=decode, kv=kv, profile=prof, prefill=prefill)
+    result["self_check"] = self_check(engine, eng, check_len)
     result["ttfa"] = time_to_first_audio(engine, codec, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
     result["load"] = [load(engine, codec, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
     merge(kv, kv_lens, deadline)

@@ -29,6 +29,8 @@ def test_gpu_bench_dry_run(tmp_path):
         assert [row["tokens"] for row in result["prefill"][mode]] == [20, 40]
         assert all(row["ms"] > 0 and row["tokens_per_s"] > 0 for row in result["prefill"][mode])
     assert "('prefill', 32, 256)" in result["build_s"] and "('prefill', 16, 256)" in result["build_s"]
+    check = result["self_check"]
+    assert check["ok"] and check["overlap_same_streams"] and check["prefill_kv_rel_err"] < 1e-4
     ttfa = result["ttfa"]
     assert ttfa["ttfa_s"]["n"] == 2 and ttfa["ttfa_s"]["p50"] > 0 and ttfa["playback_gap_s"]["n"] == 2
     assert ttfa["prefix_cache"]["hits"] >= 3   # time to first audio is measured on a cached voice

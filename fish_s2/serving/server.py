@@ -18,7 +18,10 @@ Stopping: SIGTERM drains first (:mod:`fish_s2.serving.drain`): the drain flag ``
 (``FISH_S2_DRAIN_FILE`` of the server process) makes ``preprocess`` refuse new streams with
 UNAVAILABLE and :meth:`TritonServer.ready` report False, the streams in flight finish within
 ``drain_grace_s``, and only then does tritonserver get SIGTERM (Triton 2.51 strands a stream that
-produces a response after it). Ctrl-C stops at once.
+produces a response after it). Ctrl-C stops at once. tritonserver runs with the request sweep preloaded
+(:mod:`fish_s2.serving.sweep`; ``FISH_S2_REQUEST_SWEEP=0`` leaves it out): on SIGTERM it releases the
+requests that Triton's gRPC stream handler keeps after a client cancelled their stream, which would
+otherwise keep their model from unloading (model_repository/README.md, "Clean shutdown").
 
     python -m fish_s2.serving.server --repository DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
         [--drain-grace-s 90 --exit-timeout-s 30 --open-admin]
@@ -44,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import drain as drain_
+from . import sweep as sweep_
 
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on the loopback interface (bound briefly, then released)."""
@@ -126,6 +130,7 @@ class TritonServer:
     log_verbose: int = 0
     admin_key: str | None = None            # default: $FISH_S2_ADMIN_KEY, else generated (see admin_key_path)
     open_admin: bool = False                # True: Triton's admin protocols open to every client
+    request_sweep: bool = field(default_factory=sweep_.enabled)   # preload the request sweep (sweep.py)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     ADMIN_PROTOCOLS = ("model-repository", "logging", "trace", "shared-memory")
@@ -174,6 +179,9 @@ class TritonServer:
             binary = Path(self.tritonserver)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env[drain_.FILE_ENV] = str(self.drain_flag)
+        library = sweep_.build(Path(self.workdir) / "lib") if self.request_sweep else None
+        if library is not None:   # ended requests the gRPC frontend keeps must not hold their models at exit
+            sweep_.preload(env, library)
         env["FISH_S2_ADMIN_KEY"] = self.admin_key      # the voices model checks register/delete against it
         restricted = [] if self.open_admin else [
             f"--grpc-restricted-protocol={','.join(self.ADMIN_PROTOCOLS)}:admin-key={self.admin_key}",

@@ -372,6 +372,10 @@ def test_cpu_demo_overlay(rendered):
     assert dockerfile.startswith("# syntax=docker/dockerfile:1") and "FROM python:3.11-slim" in dockerfile
     for path in ("/models/checkpoint", "/models/export"):          # where the init container reads them
         assert path in dockerfile
+    # the request sweep: built in a stage with a compiler, found (not rebuilt) by the wrapper's generator,
+    # preloaded into tritonserver by the wrapper
+    assert "RUN python3 /src/sweep.py /out" in dockerfile and "COPY --from=sweep /out/ /opt/fish-s2/lib/" in dockerfile
+    assert 'sweep.build(Path("/opt/fish-s2/lib"))' in dockerfile and "export LD_PRELOAD=" in dockerfile
 
 
 # --- metrics: HPA, prometheus-adapter, dashboard ------------------------------------------------------

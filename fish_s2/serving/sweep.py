@@ -65,3 +65,8 @@ def preload(env: dict[str, str], library: Path) -> None:
     """Put the library first on ``env``'s LD_PRELOAD (tritonserver's own environment)."""
     rest = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and NAME not in p]
     env["LD_PRELOAD"] = ":".join([str(library), *rest])
+
+
+if __name__ == "__main__":   # python3 sweep.py OUT_DIR: build it there (an image's builder stage; stdlib only)
+    built = build(Path(sys.argv[1]))
+    sys.exit(f"{SOURCE.name} was not built" if built is None else print(built))

@@ -448,8 +448,8 @@ def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s:
     sync(device)
     f0, a0, g0 = engine.lifecycle.frames_generated, codec_loop.audio_s, codec_loop.gpu_s
     state["window"] = t = time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        engine.step()
+    while (elapsed := time.perf_counter() - t) < seconds or (codec_loop.audio_s == a0 and elapsed < 10 * seconds):
+        engine.step()   # the window: at least `seconds`, and until some audio was decoded in it (a busy machine)
     sync(device)
     dt = time.perf_counter() - t
     frames, audio, codec_gpu = engine.lifecycle.frames_generated - f0, codec_loop.audio_s - a0, codec_loop.gpu_s - g0

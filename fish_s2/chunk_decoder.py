@@ -58,6 +58,7 @@ class ChunkDecoder:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self._pool = None
         self.build_s: dict[tuple[int, int], float] = {}   # (batch, length) -> seconds its compile/capture took
+        self.chunks = {"bucketed": 0, "eager": 0}          # chunks decoded each way so far
 
     @property
     def bucketed(self) -> bool:
@@ -98,13 +99,14 @@ class ChunkDecoder:
 
     def _run(self, T: int, codes: list[np.ndarray]) -> np.ndarray:
         """Decode the rows (each at most T frames) right-padded to T, in their bucket or eagerly."""
-        n = len(codes)
-        B = _bucket(n, self.batch_sizes) if self._graphed(T) else n
+        n, graphed = len(codes), self._graphed(T)
+        B = _bucket(n, self.batch_sizes) if graphed else n
         x = np.zeros((B, codes[0].shape[0], T), np.int64)
         for r, c in enumerate(codes):
             x[r, :, :c.shape[1]] = c
         x = torch.from_numpy(x)
-        if not self._graphed(T):
+        self.chunks["bucketed" if graphed else "eager"] += n
+        if not graphed:
             return self._body(x.to(self.device))[:n].cpu().numpy()
         if (B, T) not in self.build_s:
             self._build(B, T)
@@ -117,14 +119,15 @@ class ChunkDecoder:
 
     def _check(self, chunks: list[CodeChunk]) -> None:
         cfg = self.codec.config
-        top = max(cfg.quantizer.semantic_codebook_size, cfg.quantizer.codebook_size)  # larger codes are clamped
+        top = max(cfg.quantizer.semantic_codebook_size, cfg.quantizer.codebook_size)  # the codec clamps below it
         for i, c in enumerate(chunks):
             codes = c.codes
             if not isinstance(codes, np.ndarray) or codes.ndim != 2 or codes.dtype.kind not in "iu":
                 got = f"{codes.dtype} {list(codes.shape)}" if isinstance(codes, np.ndarray) else type(codes).__name__
                 raise ValueError(f"chunks[{i}]: codes must be an integer array [codebooks, frames], got {got}")
             if codes.shape[0] != cfg.n_codebooks:
-                raise ValueError(f"chunks[{i}]: codes have {codes.shape[0]} codebooks, the codec takes {cfg.n_codebooks}")
+                raise ValueError(f"chunks[{i}]: codes have {codes.shape[0]} codebooks, the codec takes "
+                                 f"{cfg.n_codebooks}")
             if not 0 <= c.context < codes.shape[1]:
                 raise ValueError(f"chunks[{i}]: context {c.context} must leave at least one of its "
                                  f"{codes.shape[1]} frames")

@@ -59,20 +59,22 @@ def codec8(tiny):
 @pytest.fixture(scope="module")
 def compiled(codec8):
     """A compiled decoder with one bucket, (2, 10), built on first use by 8 chunks of lengths 4-10 (in 4
-    pieces) next to a 12-frame chunk (eager); with the number of graphs dynamo compiled for it."""
+    pieces) next to a 12-frame chunk (eager); with the number of graphs dynamo compiled for it and the
+    chunks decoded each way."""
     chunks = _stream(_codes(20, 1), PLAN) + _stream(_codes(20, 2), PLAN) + [CodeChunk(0, _codes(12, 3), 3)]
     decoder = ChunkDecoder(codec8, batch_sizes=(2,), lengths=(10,), compile="on")
     assert codec8.quantizer.post_module.rope.shape[0] == 8
     before = counters["stats"]["unique_graphs"]
     out = decoder.decode(chunks)
-    return decoder, chunks, out, counters["stats"]["unique_graphs"] - before
+    return decoder, chunks, out, counters["stats"]["unique_graphs"] - before, dict(decoder.chunks)
 
 
 def test_compiled_matches_eager_and_falls_back(compiled):
-    decoder, chunks, out, graphs = compiled
+    decoder, chunks, out, graphs, ways = compiled
     assert sorted({c.codes.shape[1] for c in chunks}) == [4, 8, 10, 12]
     assert list(decoder.build_s) == [(2, 10)] and decoder.build_s[2, 10] > 0 and decoder.n_graphs == 0
     assert graphs == 1   # one static compile: the RoPE table grew before it, not inside it
+    assert ways == {"bucketed": 8, "eager": 1}
     eager = decode_chunks(decoder.codec, chunks)
     assert all(_close(o, e) for o, e in zip(out, eager))
     assert [len(o) for o in out] == [c.n_frames * decoder.codec.frame_length for c in chunks]
@@ -92,7 +94,7 @@ def test_padding_changes_no_chunk(compiled):
 
 
 def test_prepare_builds_the_buckets_decode_uses(compiled, codec8):
-    decoder, chunks, out, _ = compiled
+    decoder, chunks, out = compiled[:3]
     ready = ChunkDecoder(codec8, batch_sizes=(2,), lengths=(), compile="on")
     assert ready.prepare([10], max_batch=64) == 1 and list(ready.build_s) == [(2, 10)]   # capped at bucket 2
     got = ready.decode(chunks)

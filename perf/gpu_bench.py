@@ -17,7 +17,8 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
   * codec: the chunk decoder (fish_s2.chunk_decoder) prepared for the chunk plan's code lengths up to the
     largest batch: graphs built, buckets, build time (compiled with --codec-compile); decode time of a
     first chunk at batch 1 and of steady chunks at the largest batch, eager (decode_chunks) vs the
-    decoder (vs one compiled bucket too, within --budget-s, when the decoder does not compile); the
+    decoder (vs one compiled bucket too, within --budget-s, when the decoder does not compile), and
+    their largest difference from the chunk decoded alone eagerly relative to its peak (rel_err); the
     chunks it decoded in buckets and eagerly over the whole run;
   * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
     p50/p90 over --ttfa-requests requests at concurrency 1, and its playback gap;
@@ -348,14 +349,17 @@ def codec_section(decoder: ChunkDecoder, lengths: list[int], plan: ChunkPlan, ma
     for n, T in ((1, plan.code_lengths()[0]), (max_batch, plan.code_lengths()[-1])):
         codes = np.concatenate([rng.integers(0, q.semantic_codebook_size, (1, T)),
                                 rng.integers(0, q.codebook_size, (q.n_codebooks, T))])
-        chunks = [CodeChunk(0, codes, 0)] * n
+        chunks, ref = [CodeChunk(0, codes, 0)] * n, decode_chunks(codec, [CodeChunk(0, codes, 0)])[0]
         ms = lambda decode: 1e3 * timed(lambda: decode(chunks), decoder.device, steps)  # noqa: E731
-        row = {"batch": n, "frames": T, "eager_ms": ms(lambda c: decode_chunks(codec, c)), "decoder_ms": ms(decoder.decode)}
+        err = lambda dec: max(float(np.abs(a - ref).max() / np.abs(ref).max())  # noqa: E731
+                              for a in dec.decode(chunks))
+        row = {"batch": n, "frames": T, "eager_ms": ms(lambda c: decode_chunks(codec, c)),
+               "decoder_ms": ms(decoder.decode), "decoder_rel_err": err(decoder)}
         if n == max_batch and not decoder.compiled:
             if time.perf_counter() < deadline:
                 one = ChunkDecoder(codec, batch_sizes=(n,), lengths=(T,), compile="on", cuda_graphs=decoder.use_graphs)
                 one.prepare([T], n)
-                row.update(compiled_ms=ms(one.decode), compiled_build_s=one.build_s[n, T])
+                row.update(compiled_ms=ms(one.decode), compiled_build_s=one.build_s[n, T], compiled_rel_err=err(one))
             else:
                 row["compiled_ms"] = "skipped: past --budget-s"
         out["decode"].append(row)

@@ -4,22 +4,12 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from .chunk_decoder import ChunkDecoder
 from .request import CodeChunk
 
 
 def decode_chunks(codec, chunks: list[CodeChunk]) -> list[np.ndarray]:
-    """Audio (float32, n_frames * frame_length samples) of each chunk, its context's samples dropped."""
-    param = next(codec.parameters())
-    out: list[np.ndarray | None] = [None] * len(chunks)
-    by_len: dict[int, list[int]] = {}
-    for i, c in enumerate(chunks):
-        by_len.setdefault(c.codes.shape[1], []).append(i)
-    with torch.inference_mode():
-        for idx in by_len.values():
-            codes = torch.from_numpy(np.stack([chunks[i].codes for i in idx])).to(param.device)
-            audio = codec.decode(codes)[:, 0].float().cpu().numpy()
-            for row, i in enumerate(idx):
-                out[i] = audio[row, chunks[i].context * codec.frame_length:]
-    return out
+    """Audio (float32, n_frames * frame_length samples) of each chunk, its context's samples dropped:
+    eager, each chunk at its own length (graphed or compiled buckets: :class:`ChunkDecoder`)."""
+    return ChunkDecoder(codec, compile="off", cuda_graphs=False).decode(chunks)

@@ -14,17 +14,23 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
     (relative error), overlapped steps give exactly the plain loop's streams ("ok" says both hold);
   * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
     step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
+  * codec: the chunk decoder (fish_s2.chunk_decoder) prepared for the chunk plan's code lengths up to the
+    largest batch: graphs built, buckets, build time (compiled with --codec-compile); decode time of a
+    first chunk at batch 1 and of steady chunks at the largest batch, eager (decode_chunks) vs the
+    decoder (vs one compiled bucket too, within --budget-s, when the decoder does not compile), and
+    their largest difference from the chunk decoded alone eagerly relative to its peak (rel_err); the
+    chunks it decoded in buckets and eagerly over the whole run;
   * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
     p50/p90 over --ttfa-requests requests at concurrency 1, and its playback gap;
   * load: 16 and 64 requests in flight with staggered prompt and output lengths (closed loop, arrivals
-    spread out, not in waves), the codec decoding chunks on its own CUDA stream: TTFA p50/p90,
+    spread out, not in waves), the chunk decoder's graphs on its own CUDA stream: TTFA p50/p90,
     playback gap per stream, end-to-end audio-seconds per second, the codec's share of GPU time,
     requests that ended by themselves (stop/length) apart from those cancelled at the end;
   * memory: peak allocated, KV cache bytes.
 Warm-up is never timed; every timing synchronises first. Compiles are bounded (batch buckets 1/16/64,
 one KV bucket for the load) and the optional ones are skipped past --budget-s; about 8 minutes on
 one H200 (compile time is the unknown). ``--dry-run`` runs every section on the CPU with the tiny
-geometry, compile included (one bucket: shapes, bookkeeping, no speed).
+geometry, compile included (one bucket each for the step and the codec: shapes, bookkeeping, no speed).
 
     python perf/gpu_bench.py [--out perf/results] [--dry-run]
     FISH_S2_GIT_COMMIT=<hash> python perf/gpu_bench.py      # in a copy of the tree without .git
@@ -33,7 +39,6 @@ geometry, compile included (one bucket: shapes, bookkeeping, no speed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import json
@@ -49,11 +54,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fish_s2.chunk_decoder import BATCH_SIZES, ChunkDecoder
 from fish_s2.codec import Codec, CodecConfig
 from fish_s2.config import S2_PRO_CONFIG_JSON, DualARConfig
 from fish_s2.dual_ar import DualAR
 from fish_s2.engine import Engine, EngineConfig
-from fish_s2.request import ChunkEvent, EngineRequest, Finished, Player, SamplingParams, chunks_to_codes, collect
+from fish_s2.engine.config import SWITCH_MODES
+from fish_s2.request import (ChunkEvent, ChunkPlan, CodeChunk, EngineRequest, Finished, Player, SamplingParams,
+                             chunks_to_codes, collect)
 from fish_s2.streaming import decode_chunks
 from fish_s2.tiny import PRESETS
 
@@ -285,12 +293,11 @@ def profile(engine: Engine, batch_sizes: list[int], prompt_len: int, steps: int 
 
 
 class CodecLoop:
-    """Decodes streamed chunks on a thread of its own (and its own CUDA stream), batching the chunks of
-    equal length that are waiting; records each chunk's arrival (decoded) per request."""
+    """Decodes streamed chunks on a thread of its own with the chunk decoder (its graphs on its own CUDA
+    stream), batching the chunks that are waiting; records each chunk's arrival (decoded) per request."""
 
-    def __init__(self, codec: Codec, device: torch.device, frame_s: float):
-        self.codec, self.device, self.frame_s = codec, device, frame_s
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def __init__(self, decoder: ChunkDecoder, frame_s: float):
+        self.decoder, self.stream, self.frame_s = decoder, decoder.stream, frame_s
         self.q: queue.Queue = queue.Queue()
         self.gpu_s, self.audio_s = 0.0, 0.0
         self.on_chunk = lambda rid, index, t, seconds: None
@@ -309,16 +316,14 @@ class CodecLoop:
             batch, more = [ev], ev
             while not self.q.empty() and (more := self.q.get()) is not None:
                 batch.append(more)
-            ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
             t = time.perf_counter()
-            with ctx:
-                if self.stream is not None:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record(self.stream)
-                decode_chunks(self.codec, [e.chunk for e in batch])   # ends with a copy to the host
-                if self.stream is not None:
-                    end.record(self.stream)
-                    end.synchronize()
+            if self.stream is not None:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
+            self.decoder.decode([e.chunk for e in batch])   # returns once its stream's work is done
+            if self.stream is not None:
+                end.record(self.stream)
+                end.synchronize()
             now = time.perf_counter()
             self.gpu_s += start.elapsed_time(end) / 1e3 if self.stream is not None else now - t
             for e in batch:
@@ -329,7 +334,39 @@ class CodecLoop:
                 return
 
 
-def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: int, requests: int,
+def codec_section(decoder: ChunkDecoder, lengths: list[int], plan: ChunkPlan, max_batch: int, steps: int,
+                  deadline: float) -> dict:
+    """Build the decoder's buckets for ``lengths`` up to max_batch now (as at a server's warm-up), then time
+    a first chunk at batch 1 and steady chunks at max_batch: eager, the decoder, and one compiled bucket
+    when the decoder does not compile (skipped past the deadline)."""
+    codec = decoder.codec
+    t = time.perf_counter()
+    decoder.prepare(lengths, max_batch)
+    out = {"compile": decoder.compiled, "cuda_graphs": decoder.use_graphs, "lengths": decoder.lengths,
+           "batch_sizes": list(decoder.batch_sizes), "graphs": decoder.n_graphs, "buckets": len(decoder.build_s),
+           "build_s": sum(decoder.build_s.values()), "prepare_s": time.perf_counter() - t, "decode": []}
+    rng, q = np.random.default_rng(3), codec.config.quantizer
+    for n, T in ((1, plan.code_lengths()[0]), (max_batch, plan.code_lengths()[-1])):
+        codes = np.concatenate([rng.integers(0, q.semantic_codebook_size, (1, T)),
+                                rng.integers(0, q.codebook_size, (q.n_codebooks, T))])
+        chunks, ref = [CodeChunk(0, codes, 0)] * n, decode_chunks(codec, [CodeChunk(0, codes, 0)])[0]
+        ms = lambda decode: 1e3 * timed(lambda: decode(chunks), decoder.device, steps)  # noqa: E731
+        err = lambda dec: max(float(np.abs(a - ref).max() / np.abs(ref).max())  # noqa: E731
+                              for a in dec.decode(chunks))
+        row = {"batch": n, "frames": T, "eager_ms": ms(lambda c: decode_chunks(codec, c)),
+               "decoder_ms": ms(decoder.decode), "decoder_rel_err": err(decoder)}
+        if n == max_batch and not decoder.compiled:
+            if time.perf_counter() < deadline:
+                one = ChunkDecoder(codec, batch_sizes=(n,), lengths=(T,), compile="on", cuda_graphs=decoder.use_graphs)
+                one.prepare([T], n)
+                row.update(compiled_ms=ms(one.decode), compiled_build_s=one.build_s[n, T], compiled_rel_err=err(one))
+            else:
+                row["compiled_ms"] = "skipped: past --budget-s"
+        out["decode"].append(row)
+    return out
+
+
+def time_to_first_audio(engine: Engine, decoder: ChunkDecoder, voice_len: int, text_len: int, requests: int,
                         frame_s: float) -> dict:
     """Concurrency 1, cached voice: submit -> first chunk decoded (p50/p90 over ``requests``), and the
     playback gap of each whole stream with the codec in the loop."""
@@ -340,7 +377,7 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
     sem = torch.arange(voice_len // 4, voice_len)  # most of a voice block is reference codes
     voice[1:, sem] = torch.randint(0, 1024, (cfg.num_codebooks, len(sem)), generator=g)
     voice[0, sem] = voice[1, sem] + cfg.semantic_begin_id
-    codec_loop = CodecLoop(codec, engine.runner.device, frame_s)
+    codec_loop = CodecLoop(decoder, frame_s)
     plan = engine.cfg.chunk_plan
 
     def once(seed: int, frames: int) -> tuple[float | None, float]:
@@ -382,7 +419,7 @@ def time_to_first_audio(engine: Engine, codec: Codec, voice_len: int, text_len: 
             "prefix_cache": engine.runner.prefix_cache.stats()}
 
 
-def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s: float, prompt_lens: tuple[int, int],
+def load(engine: Engine, decoder: ChunkDecoder, concurrency: int, seconds: float, warm_s: float, prompt_lens: tuple[int, int],
          frame_counts: tuple[int, int], frame_s: float) -> dict:
     """``concurrency`` requests in flight (closed loop), each with its own prompt and output length drawn
     uniformly from the ranges; the first ones join one per step so that lengths and phases spread out.
@@ -390,7 +427,7 @@ def load(engine: Engine, codec: Codec, concurrency: int, seconds: float, warm_s:
     completed in it, audio decoded per wall second, the codec's GPU time over the window."""
     cfg, device = engine.model_cfg, engine.runner.device
     rng = np.random.default_rng(concurrency)
-    codec_loop = CodecLoop(codec, device, frame_s)
+    codec_loop = CodecLoop(decoder, frame_s)
     state = {"next": 0, "open": True, "window": None}
     live: dict[str, dict] = {}
     ttfa, gaps, reasons = [], [], {}
@@ -481,6 +518,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-seconds", type=float, default=20.0)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the optional compiled buckets (KV 1k/2k) "
                                                                   "once this much time has passed")
+    ap.add_argument("--codec-compile", choices=SWITCH_MODES, default="off",
+                    help="torch.compile the codec decode inside its graphs (auto: on CUDA); every bucket compiles "
+                         "(7 batch sizes x the plan's 6 code lengths; the dry run: one, always compiled)")
     ap.add_argument("--out", default=None, help="write gpu_bench_<device>.json here (default perf/results on a GPU)")
     args = ap.parse_args(argv)
 
@@ -500,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_len = 120            # chunks of 32 and a padded 24
         eng = dict(max_active=2, max_prompt_tokens=128, max_frames=128, graph_batch_sizes=(2,), min_kv_bucket=256,
                    prefill_chunk_tokens=32)
+        codec_batches, args.codec_compile = (2,), "on"   # the first chunk's length only: the others fall back
     else:
         cfg, dtype, codec_cfg = DualARConfig.from_dict(S2_PRO_CONFIG_JSON), torch.bfloat16, CodecConfig.s2_pro()
         batches, kv_lens, warm_s = [1, 64], [1000, 2000], 3.0
@@ -508,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_len = 1100                      # chunks of 512, 512 and a padded 76
         eng = dict(max_active=64, max_prompt_tokens=2048, max_frames=512, graph_batch_sizes=(1, 16, 64),
                    min_kv_bucket=512)
+        codec_batches = BATCH_SIZES
     model = random_model(cfg, device, dtype)
     codec = random_codec(codec_cfg, device, dtype)
     frame_s = codec_cfg.frame_length / codec_cfg.sample_rate
@@ -548,8 +590,13 @@ def main(argv: list[str] | None = None) -> dict:
     prefill["compiled"] = prefill_times(engine, prefill_lens, args.steps, deadline)
     result.update(decode=decode, kv=kv, profile=prof, prefill=prefill)
     result["self_check"] = self_check(engine, eng, check_len)
-    result["ttfa"] = time_to_first_audio(engine, codec, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
-    result["load"] = [load(engine, codec, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
+    plan = engine.cfg.chunk_plan
+    decoder = ChunkDecoder(codec, batch_sizes=codec_batches, lengths=(), compile=args.codec_compile)
+    lengths = plan.code_lengths()[:1] if args.dry_run else plan.code_lengths()
+    result["codec"] = codec_section(decoder, lengths, plan, eng["max_active"], args.steps, deadline)
+    result["ttfa"] = time_to_first_audio(engine, decoder, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
+    result["load"] = [load(engine, decoder, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
+    result["codec"]["chunks"] = dict(decoder.chunks)
     merge(kv, kv_lens, deadline)
     result["build_s"] = {str(k): v for k, v in engine.runner.build_s.items()}
     result["memory"] = {"kv_cache_bytes": kv_bytes(engine), "peak_allocated_bytes":

@@ -31,6 +31,11 @@ def test_gpu_bench_dry_run(tmp_path):
     assert "('prefill', 32, 256)" in result["build_s"] and "('prefill', 16, 256)" in result["build_s"]
     check = result["self_check"]
     assert check["ok"] and check["overlap_same_streams"] and check["prefill_kv_rel_err"] < 1e-4
+    codec = result["codec"]   # the chunk decoder: one compiled bucket, batch 2 x the first chunk's 4 frames
+    assert codec["compile"] and codec["buckets"] == 1 and codec["build_s"] > 0 and codec["lengths"] == [4]
+    assert [(r["batch"], r["frames"]) for r in codec["decode"]] == [(1, 4), (2, 50)]
+    assert all(r["eager_ms"] > 0 and r["decoder_ms"] > 0 and r["decoder_rel_err"] < 1e-4 for r in codec["decode"])
+    assert codec["chunks"]["bucketed"] > 0 and codec["chunks"]["eager"] > 0   # first chunks bucketed, others eager
     ttfa = result["ttfa"]
     assert ttfa["ttfa_s"]["n"] == 2 and ttfa["ttfa_s"]["p50"] > 0 and ttfa["playback_gap_s"]["n"] == 2
     assert ttfa["prefix_cache"]["hits"] >= 3   # time to first audio is measured on a cached voice

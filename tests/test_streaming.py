@@ -46,6 +46,16 @@ def test_default_plan_ramps_up_with_left_context():
         ChunkPlan(ramp=2)
 
 
+@pytest.mark.parametrize("plan", [ChunkPlan(), ChunkPlan(ramp=False), ChunkPlan(first_chunk_frames=30),
+                                  ChunkPlan(first_chunk_frames=4, chunk_frames=6, context_frames=4, ramp=False),
+                                  ChunkPlan(context_frames=0)])
+def test_code_lengths_are_the_lengths_of_whole_chunks(plan):
+    """What a codec decodes for every chunk but a stream's last (which may be shorter)."""
+    chunks = _stream(np.zeros((10, 300), np.int64), plan)
+    assert plan.code_lengths() == sorted({c.codes.shape[1] for c in chunks[:-1]})
+    assert ChunkPlan().code_lengths() == [4, 10, 19, 33, 45, 50] and max(plan.code_lengths()) <= plan.longest_chunk
+
+
 def test_player_waits_for_late_chunks():
     p = Player()
     assert p.add(0.5, 0.2) == 0 and p.end == pytest.approx(0.7)     # starts at the first chunk

@@ -131,14 +131,21 @@ class WindowLimitedTransformer(nn.Module):
         with torch.device("cpu"):  # not in the checkpoint: real values even when the module is built on meta
             self.register_buffer("rope", rope_table(c.block_size, c.head_dim, c.rope_base), persistent=False)
 
+    def reserve(self, n: int) -> None:
+        """Grow the RoPE table to hold n positions. forward grows it on demand in eager mode; a compiled
+        call would trace the growth (and compile again once it is done), a CUDA graph capture cannot copy the
+        new table to the device, and an exported graph keeps the table it was traced with: reserve first."""
+        if n > self.rope.shape[0]:
+            c = self.config
+            self.rope = rope_table(2 ** math.ceil(math.log2(n)), c.head_dim, c.rope_base).to(self.rope.device)
+
     def forward(self, x: Tensor) -> Tensor:
         c = self.config
         if c.channels_first:
             x = x.transpose(1, 2)
         x = self.input_proj(x)
         T = x.shape[1]
-        if T > self.rope.shape[0]:  # eager only; an exported graph keeps the table it was traced with
-            self.rope = rope_table(2 ** math.ceil(math.log2(T)), c.head_dim, c.rope_base).to(self.rope.device)
+        self.reserve(T)
         pos = torch.arange(T, device=x.device)
         mask = pos[None, :] <= pos[:, None]
         if c.window_size is not None:

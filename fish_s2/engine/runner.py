@@ -57,6 +57,14 @@ def compile_step(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
 
 
+def allow_recompiles(n: int) -> None:
+    """Let a function compiled by :func:`compile_step` take n static shapes (with slack): past dynamo's
+    recompile limit (default 8) a fullgraph compile fails hard."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, n + 64)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * (n + 64))
+
+
 class TorchRunner:
     def __init__(self, model: DualAR, cfg: EngineConfig, fast_ar: FastARRuntime | None = None):
         """``fast_ar``: run the fast AR with another runtime (ONNX Runtime on the CPU) instead of torch."""
@@ -105,10 +113,7 @@ class TorchRunner:
         if self.compiled:
             model.fuse_weights()
             # one compile per (batch, KV) and (prefill length, KV) bucket
-            limit = (len(self.graph_sizes) + len(self.prefill_buckets)) * len(self.kv_buckets) + 64
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+            allow_recompiles((len(self.graph_sizes) + len(self.prefill_buckets)) * len(self.kv_buckets))
             self._step_fn, self._first_fn = compile_step(self._step_body), compile_step(self._first_frame_body)
             self._prefill_fn = compile_step(self._prefill_body)
 

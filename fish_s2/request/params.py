@@ -105,6 +105,16 @@ class ChunkPlan:
             out.append(min(self.frames(len(out)), n_frames - done))
         return out
 
+    def code_lengths(self) -> list[int]:
+        """The code lengths (context included) the codec decodes for a stream's whole chunks, ascending:
+        the first, the ramp, the steady length (a stream's last chunk may be shorter than its own)."""
+        lengths, done, i = set(), 0, 0
+        while True:
+            lengths.add(self.frames(i) + min(self.context_frames, done))
+            if done >= self.context_frames and self.frames(i) == self.chunk_frames:
+                return sorted(lengths)
+            done, i = done + self.frames(i), i + 1
+
     @property
     def longest_chunk(self) -> int:
         """Frames in the longest chunk the codec decodes (context included)."""

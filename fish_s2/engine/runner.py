@@ -390,7 +390,8 @@ class TorchRunner:
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: another thread (a codec decoding on its own stream) may keep working during a capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             out = body()
         self._graphs[key] = (graph, out)
 

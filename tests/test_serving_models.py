@@ -25,7 +25,7 @@ from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
 from fish_s2.serving.runtime import DualARStart, memory_plan
-from fish_s2.serving.stops import StopBoard, instances, stop_board
+from fish_s2.serving.stops import EarlyStops, StopBoard, instances, stop_board
 from fish_s2.request import CodeChunk
 
 FINAL = 1
@@ -452,7 +452,7 @@ def test_a_gpu_instance_runs_on_its_own_gpu(monkeypatch, repo, tiny_checkpoint):
 def test_a_stop_reaches_the_instance_that_runs_its_request(monkeypatch, repo, tiny_checkpoint, tmp_path):
     """--gpus N: Triton hands tts's STOP to any dual_ar instance. One whose engine does not run the request
     posts it on the server's stop board, where the request's own cancellation check finds it."""
-    assert stop_board({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]}) is None
+    assert isinstance(stop_board({"instance_group": [{"count": 1, "kind": "KIND_CPU"}]}), EarlyStops)
     two_gpus = stop_board({"instance_group": [{"count": 1, "kind": "KIND_GPU", "gpus": [0, 1]}]}, tmp_path / "b")
     assert isinstance(two_gpus, StopBoard) and instances({"instance_group": [{"count": 2, "gpus": [0, 1]}]}) == 4
     board = StopBoard(tmp_path / "stops")
@@ -475,6 +475,26 @@ def test_a_stop_reaches_the_instance_that_runs_its_request(monkeypatch, repo, ti
     assert "open_input: text sessions need one dual_ar instance" in str(session.sender.finals[0].error)
     for model in (a, b):
         model.finalize()
+
+
+def test_a_stop_that_overtakes_its_request_cancels_it_when_it_arrives(monkeypatch, repo, tiny_checkpoint):
+    """One instance: a client that cancels at once can have tts's STOP reach dual_ar before the request
+    itself; the request is then cancelled on arrival, not run to its limit (a session would wait for text)."""
+    engine = FakeEngine(load_config(tiny_checkpoint)[0])
+    model = _load(monkeypatch, repo, "dual_ar", start_dual_ar=_start_with(engine))
+    rid = new_request_id()
+    stop = Request(p.stop_tensors(rid))
+    model.execute([stop])                                   # nothing runs under this id yet
+    assert stop.sender.finals == [None] and model.stops.posted(rid)
+    request = Request({**_generate_inputs(request_id=rid), "OPEN_INPUT": np.array([True])})
+    model.execute([request])
+    assert engine.requests[rid].req.is_cancelled() is True
+    engine.lifecycle.poll_cancelled()
+    assert request.sender.done.wait(5) and engine.cancelled == [rid] and not model.stops.posted(rid)
+    other = new_request_id()
+    model.execute([Request(_generate_inputs(request_id=other))])
+    assert engine.requests[other].req.is_cancelled() is False
+    model.finalize()
 
 
 # ------------------------------------------------------------------ tts: the relay through tts_pipeline

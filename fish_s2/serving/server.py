@@ -209,8 +209,8 @@ class TritonServer:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        try:
-            while not self.ready():
+        try:   # ready, and the metrics service up (Triton starts it just after the HTTP service)
+            while not (self.ready() and self._answers(self.metrics_url)):
                 if self._proc.poll() is not None:
                     raise RuntimeError(f"tritonserver exited with {self._proc.returncode}; log {self.log_path}:\n"
                                        f"{self.log_tail()}")
@@ -225,10 +225,12 @@ class TritonServer:
 
     def ready(self) -> bool:
         """Triton is ready and the server is not draining."""
-        if self.drain_flag.exists():
-            return False
+        return not self.drain_flag.exists() and self._answers(f"http://{self.host}:{self.http_port}/v2/health/ready")
+
+    @staticmethod
+    def _answers(url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/v2/health/ready", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError):
             return False

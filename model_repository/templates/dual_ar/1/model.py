@@ -31,7 +31,7 @@ from fish_s2.serving import metrics, protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings, output_tensors, triton_error
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.serving.runtime import configure_threads, load_text_side, on_instance_device, start_dual_ar
-from fish_s2.serving.stops import stop_board
+from fish_s2.serving.stops import StopBoard, stop_board
 from fish_s2.serving.voices import VoiceRegistry
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -57,7 +57,7 @@ class TritonPythonModel:
         self._rtf = metrics.create(pb_utils, metrics.RTF, instance)
         codec = CodecConfig.for_checkpoint(self.cfg.checkpoint)
         self.frame_s = codec.frame_length / codec.sample_rate
-        self.stops = stop_board(model_config)             # several instances: a STOP may reach another one
+        self.stops = stop_board(model_config)   # a STOP may come first, or (several instances) reach another one
         self.dispatch = Dispatcher(self.engine, self._respond, lambda: self.metrics.update(self.engine.stats()))
         self._warm_thread = threading.Thread(target=self._warm_registered_voices, daemon=True)
         self._warm_thread.start()
@@ -68,8 +68,8 @@ class TritonPythonModel:
             try:
                 gen = protocol.parse_generate_request(getter(pb_utils, request))
                 if isinstance(gen, protocol.StopRequest):
-                    if not self.engine.cancel(gen.request_id) and self.stops is not None:
-                        self.stops.post(gen.request_id)    # not this engine's: for the instance that runs it
+                    if not self.engine.cancel(gen.request_id):
+                        self.stops.post(gen.request_id)    # not here (yet): for its request when it arrives
                     sender.send(flags=FINAL)
                     continue
                 if isinstance(gen, protocol.AppendRequest):
@@ -79,11 +79,10 @@ class TritonPythonModel:
                         self.engine.append(gen.request_id, end=gen.end)
                     sender.send(flags=FINAL)
                     continue
-                if gen.open_input and self.stops is not None:   # an APPEND could reach another instance
+                if gen.open_input and isinstance(self.stops, StopBoard):   # an APPEND could reach another instance
                     raise InvalidArgument("open_input", "text sessions need one dual_ar instance per server (a "
                                                         "repository generated with --gpus 1); send whole texts here")
-                is_cancelled = sender.is_cancelled if self.stops is None else \
-                    self.stops.check(gen.request_id, sender.is_cancelled)
+                is_cancelled = self.stops.check(gen.request_id, sender.is_cancelled)
                 req = EngineRequest(gen.prompt, gen.params, max_frames=gen.max_frames, prefix_len=gen.prefix_len,
                                     chunk_plan=gen.chunk_plan, request_id=gen.request_id, turns=gen.turns,
                                     open_input=gen.open_input,
@@ -117,8 +116,7 @@ class TritonPythonModel:
                 response = pb_utils.InferenceResponse(error=triton_error(pb_utils, event.error))
         finally:
             sender.send(response, flags=FINAL)
-            if self.stops is not None:
-                self.stops.clear(event.request_id)
+            self.stops.clear(event.request_id)
 
     def _warm_registered_voices(self):
         """Put every registered voice's prefix into the engine's prefix cache (after a restart)."""

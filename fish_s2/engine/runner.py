@@ -173,9 +173,6 @@ class TorchRunner:
         self.pending[r] = _Prefill(torch.as_tensor(tokens).to(self.device, torch.long), seed_to_key(self.seeds[r] + turn))
         self.pos[r] = self.positions[r]
 
-    def pending_tokens(self, r: int) -> int:
-        return 0 if self.pending[r] is None else self.pending[r].tokens.shape[1] - self.pending[r].done
-
     @torch.inference_mode()
     def prefill(self, r: int, budget: int | None = None) -> tuple[int, Tensor | None]:
         """Row r's pending tokens into its KV, in chunks of at most ``engine.prefill_chunk_tokens`` that

@@ -4,7 +4,8 @@ Requests are submitted from any thread at any time (refused at once when invalid
 One loop thread admits queued requests into free rows of the :class:`~fish_s2.engine.runner.TorchRunner`
 (reusing a cached voice prefix when it can) and runs one batched decode step for all active requests,
 then prefills waiting prompts within the admission budget (``engine.prefill_chunk_tokens`` per step, in
-admission order), so that running streams keep their cadence while new requests join. Each request lives in a :class:`~fish_s2.request.Lifecycle`: frames become chunks by its
+admission order), so that running streams keep their cadence while new requests join. Each request
+lives in a :class:`~fish_s2.request.Lifecycle`: frames become chunks by its
 plan, cancellation (explicit, or polled from the client) ends it at the next step, a dialogue's next
 turn batch is appended to its row's KV when the batch before it ends (only the new tokens are
 prefilled), and every request ends with exactly one Finished on whichever path ends it first, its row freed on that same path.

@@ -25,7 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-class StopBoard:
+class _Stops:
+    def posted(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def check(self, request_id: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
+        """A request's cancellation check: its own (the response sender's), or a STOP posted for it."""
+        return lambda: is_cancelled() or self.posted(request_id)
+
+
+class StopBoard(_Stops):
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -39,12 +48,8 @@ class StopBoard:
     def clear(self, request_id: str) -> None:
         (self.folder / request_id).unlink(missing_ok=True)
 
-    def check(self, request_id: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
-        """A request's cancellation check: its own (the response sender's), or a STOP posted here."""
-        return lambda: is_cancelled() or self.posted(request_id)
 
-
-class EarlyStops:
+class EarlyStops(_Stops):
     """STOPs of one instance for requests it does not run (yet), kept ``ttl_s`` seconds."""
 
     def __init__(self, ttl_s: float = 120.0):
@@ -65,10 +70,6 @@ class EarlyStops:
     def clear(self, request_id: str) -> None:
         with self._lock:
             self._posted.pop(request_id, None)
-
-    def check(self, request_id: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
-        """A request's cancellation check: its own (the response sender's), or a STOP that came first."""
-        return lambda: is_cancelled() or self.posted(request_id)
 
 
 def instances(model_config: dict) -> int:

@@ -31,6 +31,10 @@ Warm-up is never timed; every timing synchronises first. Compiles are bounded (b
 one KV bucket for the load) and the optional ones are skipped past --budget-s; about 8 minutes on
 one H200 (compile time is the unknown). ``--dry-run`` runs every section on the CPU with the tiny
 geometry, compile included (one bucket each for the step and the codec: shapes, bookkeeping, no speed).
+The JSON is rewritten after every section (section_s: each one's time), so one bounded run keeps what it
+measured: a section that raises is recorded under "errors" and the run goes on (when the compiled step
+fails, the later sections run on the graphs of the eager step: serving_engine says which), and SIGTERM
+(``timeout``) records the section it cut short under "interrupted" and exits 124.
 
     python perf/gpu_bench.py [--out perf/results] [--dry-run]
     FISH_S2_GIT_COMMIT=<hash> python perf/gpu_bench.py      # in a copy of the tree without .git
@@ -45,10 +49,12 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +78,13 @@ MATMUL = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|splitk|aten::(mm|addmm|bmm)
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def release_memory(device: torch.device) -> None:
+    """Return what a deleted engine held (its KV cache, graph pools) before the next one is built."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def random_model(cfg: DualARConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DualAR:
@@ -502,6 +515,47 @@ def load(engine: Engine, decoder: ChunkDecoder, concurrency: int, seconds: float
             "requests_cancelled": reasons.get("cancelled", 0), "end_reasons": dict(reasons)}
 
 
+class Report:
+    """The result object, written to ``path`` after every section, so that a run cut short keeps what it
+    measured: a section that raises is recorded under "errors" (its error and traceback tail) and the
+    run goes on; SIGTERM (``timeout``) records the section it interrupted, writes, and exits 124."""
+
+    def __init__(self, result: dict, path: Path | None):
+        self.result, self.path, self.current, self.t0 = result, path, None, time.perf_counter()
+        self.write()
+
+    def section(self, name: str, fn, fallback=None):
+        """fn()'s value, or ``fallback`` when it raises (recorded); the result is written either way."""
+        self.current, t = name, time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 -- one broken section must not lose the others
+            self.result.setdefault("errors", {})[name] = {"error": f"{type(e).__name__}: {e}"[:2000],
+                                                          "traceback": traceback.format_exc()[-4000:]}
+            return fallback
+        finally:
+            self.current = None
+            self.result.setdefault("section_s", {})[name] = time.perf_counter() - t
+            self.write()
+            print(f"gpu_bench: {name} {'failed' if name in self.result.get('errors', {}) else 'done'} in "
+                  f"{time.perf_counter() - t:.1f} s ({time.perf_counter() - self.t0:.0f} s in all)",
+                  file=sys.stderr, flush=True)
+
+    def write(self) -> None:
+        self.result["total_s"] = time.perf_counter() - self.t0
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.result, indent=1, default=str))
+            tmp.replace(self.path)
+
+    def on_sigterm(self, signum, frame) -> None:
+        self.result["interrupted"] = {"signal": signal.Signals(signum).name, "section": self.current,
+                                      "at_s": time.perf_counter() - self.t0}
+        self.write()
+        print(f"gpu_bench: interrupted in {self.current}; partial result in {self.path}", file=sys.stderr, flush=True)
+        os._exit(124)
+
+
 def kv_bytes(engine: Engine) -> int:
     r = engine.runner
     return sum(c.k.numel() * c.k.element_size() * 2 for c in r.slow_cache + r.fast_cache)
@@ -550,29 +604,47 @@ def main(argv: list[str] | None = None) -> dict:
         eng = dict(max_active=64, max_prompt_tokens=2048, max_frames=512, graph_batch_sizes=(1, 16, 64),
                    min_kv_bucket=512)
         codec_batches = BATCH_SIZES
+    result = {**env_info(device), "dtype": str(dtype).replace("torch.", ""),
+              "command": "python perf/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    out = args.out or (None if args.dry_run else str(Path(__file__).parent / "results"))
+    path = None
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        tag = result["device"].lower().replace(" ", "_").replace("(", "").replace(")", "")
+        path = Path(out) / f"gpu_bench_{tag}.json"
+    report = Report(result, path)
+    previous_sigterm = signal.signal(signal.SIGTERM, report.on_sigterm)
     model = random_model(cfg, device, dtype)
     codec = random_codec(codec_cfg, device, dtype)
     frame_s = codec_cfg.frame_length / codec_cfg.sample_rate
-    result = {**env_info(device), "dtype": str(dtype).replace("torch.", ""),
-              "model": {"slow_params": sum(p.numel() for p in model.slow.parameters()),
-                        "fast_params": sum(p.numel() for p in model.fast.parameters()),
-                        "codec": "S2-Pro codec" if not args.dry_run else "tiny codec"},
-              "command": "python perf/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "setup_s": time.perf_counter() - t0}
+    result["model"] = {"slow_params": sum(p.numel() for p in model.slow.parameters()),
+                       "fast_params": sum(p.numel() for p in model.fast.parameters()),
+                       "codec": "S2-Pro codec" if not args.dry_run else "tiny codec"}
+    result["setup_s"] = time.perf_counter() - t0
     copy_bw = copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 26))
     result["copy_bandwidth_GBps"] = copy_bw / 1e9
+
+    def run(name: str, fn, fallback=None, engine: Engine | None = None):
+        """A section; after a failure the engine's requests in flight are cancelled (best effort)."""
+        value = report.section(name, fn, fallback)
+        if engine is not None and name in result.get("errors", {}):
+            report.section(f"{name} (drain)", lambda: drain(engine))
+        return value
 
     # graph: the eager step body in CUDA graphs (the engine before compilation; eager on the CPU)
     base = "graph" if device.type == "cuda" else "eager"
     engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="off"))
-    decode = decode_rows(engine, base, batches, [None] * len(batches), args.prompt_len, args.steps, copy_bw)
-    kv = decode_rows(engine, base, [max(batches)] * len(kv_lens), kv_lens, args.prompt_len, args.steps, copy_bw)
-    prof = {base: profile(engine, batches, args.prompt_len)}
-    prefill = {base: prefill_times(engine, prefill_lens, args.steps)}
+    decode = result["decode"] = run("decode", lambda: decode_rows(engine, base, batches, [None] * len(batches),
+                                                                  args.prompt_len, args.steps, copy_bw),
+                                    [{"batch": n} for n in batches], engine)
+    kv = result["kv"] = run("kv", lambda: decode_rows(engine, base, [max(batches)] * len(kv_lens), kv_lens,
+                                                      args.prompt_len, args.steps, copy_bw),
+                            [{"batch": max(batches)} for _ in kv_lens], engine)
+    prof = result["profile"] = {base: run("profile", lambda: profile(engine, batches, args.prompt_len), engine=engine)}
+    prefill = result["prefill"] = {base: run("prefill", lambda: prefill_times(engine, prefill_lens, args.steps),
+                                             engine=engine)}
     del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
 
     # compiled: the same step through torch.compile, captured in the same graphs (fuses w1/w3 in the model);
     # what is needed first, then the KV-length buckets while the budget lasts
@@ -582,34 +654,41 @@ def main(argv: list[str] | None = None) -> dict:
         for row, new in zip(rows, decode_rows(engine, "compiled", [r["batch"] for r in rows], kvs, args.prompt_len,
                                               args.steps, copy_bw, deadline)):
             row["compiled"] = new["compiled"]
+            row.setdefault("kv_len", new["kv_len"])
             if isinstance(row.get(base), dict) and isinstance(new["compiled"], dict):
                 row["speedup"] = row[base]["step_ms"] / new["compiled"]["step_ms"]
 
-    merge(decode, [None] * len(batches))
-    prof["compiled"] = profile(engine, batches, args.prompt_len)
-    prefill["compiled"] = prefill_times(engine, prefill_lens, args.steps, deadline)
-    result.update(decode=decode, kv=kv, profile=prof, prefill=prefill)
-    result["self_check"] = self_check(engine, eng, check_len)
+    run("decode (compiled)", lambda: merge(decode, [None] * len(batches)), engine=engine)
+    if "decode (compiled)" in result.get("errors", {}):   # the rest is measured on the graphs of the eager step
+        del engine
+        release_memory(device)
+        engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="off"))
+        result["serving_engine"] = f"{base} (compiled failed: see errors)"
+    else:
+        result["serving_engine"] = "compiled"
+        prof["compiled"] = run("profile (compiled)", lambda: profile(engine, batches, args.prompt_len), engine=engine)
+        prefill["compiled"] = run("prefill (compiled)", lambda: prefill_times(engine, prefill_lens, args.steps,
+                                                                              deadline), engine=engine)
+    result["self_check"] = run("self_check", lambda: self_check(engine, eng, check_len), engine=engine)
     plan = engine.cfg.chunk_plan
     decoder = ChunkDecoder(codec, batch_sizes=codec_batches, lengths=(), compile=args.codec_compile)
     lengths = plan.code_lengths()[:1] if args.dry_run else plan.code_lengths()
-    result["codec"] = codec_section(decoder, lengths, plan, eng["max_active"], args.steps, deadline)
-    result["ttfa"] = time_to_first_audio(engine, decoder, args.voice_len, args.text_len, args.ttfa_requests, frame_s)
-    result["load"] = [load(engine, decoder, c, args.load_seconds, warm_s, p, f, frame_s) for c, p, f in loads]
+    result["codec"] = run("codec", lambda: codec_section(decoder, lengths, plan, eng["max_active"], args.steps,
+                                                         deadline), {})
+    result["ttfa"] = run("ttfa", lambda: time_to_first_audio(engine, decoder, args.voice_len, args.text_len,
+                                                             args.ttfa_requests, frame_s), engine=engine)
+    result["load"] = [run(f"load {c}", lambda: load(engine, decoder, c, args.load_seconds, warm_s, p, f, frame_s),
+                          {"concurrency": c}, engine) for c, p, f in loads]
     result["codec"]["chunks"] = dict(decoder.chunks)
-    merge(kv, kv_lens, deadline)
+    if result["serving_engine"] == "compiled":
+        run("kv (compiled)", lambda: merge(kv, kv_lens, deadline), engine=engine)
     result["build_s"] = {str(k): v for k, v in engine.runner.build_s.items()}
     result["memory"] = {"kv_cache_bytes": kv_bytes(engine), "peak_allocated_bytes":
                         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-    result["total_s"] = time.perf_counter() - t0
-    text = json.dumps(result, indent=1)
-    out = args.out or (None if args.dry_run else str(Path(__file__).parent / "results"))
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        tag = result["device"].lower().replace(" ", "_").replace("(", "").replace(")", "")
-        (Path(out) / f"gpu_bench_{tag}.json").write_text(text)
-    print(json.dumps(result))
+    report.write()
+    signal.signal(signal.SIGTERM, previous_sigterm)
+    print(json.dumps(result, default=str))
     return result
 
 

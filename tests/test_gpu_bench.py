@@ -4,6 +4,7 @@ shapes and bookkeeping, no speed."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,3 +46,69 @@ def test_gpu_bench_dry_run(tmp_path):
     assert load["requests_cancelled"] >= 1   # the ones still running when the window closes
     assert result["memory"]["kv_cache_bytes"] > 0 and result["build_s"]
     assert json.loads((tmp_path / "gpu_bench_cpu_dry_run.json").read_text())["device"] == "cpu (dry run)"
+    assert "errors" not in result and "interrupted" not in result
+    assert set(result["section_s"]) >= {"decode", "decode (compiled)", "self_check", "codec", "ttfa", "load 2"}
+
+
+# The one GPU run this project may get is bounded by `timeout`: what it measured must survive a broken
+# section or the timeout's SIGTERM.
+SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {perf!r})
+from gpu_bench import Report
+import signal
+result = {{"device": "test"}}
+report = Report(result, Path({path!r}))
+signal.signal(signal.SIGTERM, report.on_sigterm)
+result["a"] = report.section("a", lambda: 1)
+result["b"] = report.section("b", lambda: 1 / 0, fallback="fell back")
+result["c"] = report.section("c", lambda: 3)
+print("ready", flush=True)
+report.section("d", lambda: time.sleep(60))
+"""
+
+
+def test_report_keeps_what_was_measured_past_an_error_and_sigterm(tmp_path):
+    import signal
+
+    path = tmp_path / "gpu_bench_test.json"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(perf=str(REPO / "perf"), path=str(path))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)   # inside section d
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 124
+    finally:
+        proc.kill()
+    result = json.loads(path.read_text())
+    assert result["a"] == 1 and result["b"] == "fell back" and result["c"] == 3
+    assert list(result["errors"]) == ["b"] and "ZeroDivisionError" in result["errors"]["b"]["error"]
+    assert "in <lambda>" in result["errors"]["b"]["traceback"]   # where it broke
+    assert result["interrupted"]["section"] == "d" and result["interrupted"]["signal"] == "SIGTERM"
+    assert set(result["section_s"]) == {"a", "b", "c"} and result["total_s"] > 0.5
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_a_failing_compiled_step_leaves_the_rest_on_the_graphs(tmp_path, monkeypatch):
+    """Stands in for torch.compile failing on the device: the failure is recorded, and self_check, the
+    codec, TTFA and the load still run (on the graphs of the eager step; eager on the CPU)."""
+    sys.path.insert(0, str(REPO / "perf"))
+    import gpu_bench
+
+    real = gpu_bench.decode_rows
+
+    def decode_rows(engine, mode, *args, **kwargs):
+        if mode == "compiled":
+            raise RuntimeError("inductor: stand-in failure")
+        return real(engine, mode, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_bench, "decode_rows", decode_rows)
+    result = gpu_bench.main(["--dry-run", "--out", str(tmp_path)])
+    assert list(result["errors"]) == ["decode (compiled)"] and "stand-in" in result["errors"]["decode (compiled)"]["error"]
+    assert result["serving_engine"].startswith("eager (compiled failed")
+    assert "compiled" not in result["profile"] and "compiled" not in result["prefill"]
+    assert result["self_check"]["ok"] and result["ttfa"]["ttfa_s"]["n"] == 2 and result["load"][0]["frames"] > 0
+    assert all("compiled" not in row for row in result["kv"])
+    assert json.loads((tmp_path / "gpu_bench_cpu_dry_run.json").read_text())["errors"] == result["errors"]

@@ -188,18 +188,17 @@ def request_fields(mode: str, i: int, args) -> dict:
     return fields
 
 
-def request_text(mode: str, i: int, texts: list[str], args) -> str:
-    """The text of request i: a corpus line, or (dialogue) 3-8 lines as turns of its speakers in turn."""
+def request(mode: str, i: int, texts: list[str], args) -> tuple[str, dict]:
+    """Request i: its text (a corpus line; a session: 2-4 lines; a dialogue: 3-8 lines as turns of its
+    speakers in turn) and its fields."""
+    fields = request_fields(mode, i, args)
+    lines, rng = [t for t in texts if not speakers(t)], random.Random(-i)
     if mode == "session":
-        lines = [t for t in texts if not speakers(t)]
-        rng = random.Random(-i)
-        return " ".join(lines[rng.randrange(len(lines))] for _ in range(rng.randint(2, 4)))
+        return " ".join(lines[rng.randrange(len(lines))] for _ in range(rng.randint(2, 4))), fields
     if mode != "dialogue":
-        return texts[i % len(texts)]
-    n = len(request_fields(mode, i, args)["voice_id"])
-    lines = [t for t in texts if not speakers(t)]
-    rng = random.Random(-i)
-    return " ".join(f"<|speaker:{t % n}|>{lines[rng.randrange(len(lines))]}" for t in range(rng.randint(3, 8)))
+        return texts[i % len(texts)], fields
+    n = len(fields["voice_id"])
+    return " ".join(f"<|speaker:{t % n}|>{lines[rng.randrange(len(lines))]}" for t in range(rng.randint(3, 8))), fields
 
 
 async def run_level(url: str, concurrency: int, texts: list[str], args, offset: int,
@@ -223,7 +222,7 @@ async def run_level(url: str, concurrency: int, texts: list[str], args, offset: 
         async def worker():
             while (i := take()) is not None:
                 k = offset + i
-                text, fields = request_text(args.mode, k, texts, args), request_fields(args.mode, k, args)
+                text, fields = request(args.mode, k, texts, args)
                 samples.append(await (session_request(client, text, fields, args.words_per_s)
                                       if args.mode == "session" else one_request(client, text, fields)))
 

@@ -4,6 +4,7 @@ valid WAV with the right number of samples."""
 
 import io
 import json
+import re
 import struct
 import sys
 import urllib.error
@@ -146,9 +147,10 @@ def test_voices_mode_reports_the_replicas_prefix_cache(server, tmp_path):
 
 
 def test_dialogue_mode_streams_multi_voice_dialogues(server, tmp_path):
-    text = loadgen.request_text("dialogue", 5, loadgen.read_corpus(), loadgen.argparse.Namespace(
+    text, fields = loadgen.request("dialogue", 5, loadgen.read_corpus(), loadgen.argparse.Namespace(
         voice_ids=["a", "b", "c"], max_frames=4))
     assert 3 <= text.count("<|speaker:") <= 8 and text.startswith("<|speaker:0|>")
+    assert {int(s) for s in re.findall(r"<\|speaker:(\d+)\|>", text)} == set(range(len(fields["voice_id"])))
     result = loadgen.main(["--url", server.grpc_url, "--admin-key-file", str(server.admin_key_path),
                            "--concurrency", "1,2", "--requests", "3", "--warmup", "0", "--max-frames", "4",
                            "--mode", "dialogue", "--voices", "3", "--tag", "d", "--out", str(tmp_path)])

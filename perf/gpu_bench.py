@@ -6,12 +6,12 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
   * decode: step time at batch 1 and 64 as CUDA graphs of the eager step ("graph") and of the
     torch.compile'd step ("compiled", engine.compile: on), side by side, with the bytes the step reads
     (weights + KV at the bucket it reads) as a share of the measured copy bandwidth, and the time the
-    bucket's capture (and compile, for "compiled") took (build_s: every bucket built);
+    bucket's capture (and compile, for "compiled") took (build_s: every bucket built, per engine);
   * kv: the same at batch 64 with the rows at KV lengths 1k and 2k (compiled: last, within --budget-s);
   * prefill: prompt (16 to 2000 tokens, no cached voice) to first frame in chunks of the admission
     budget (engine.prefill_chunk_tokens, 512), graph vs compiled, with the build time of new buckets;
-  * self_check: a prompt prefilled in compiled chunk graphs writes the KV an eager prefill writes
-    (relative error), overlapped steps give exactly the plain loop's streams ("ok" says both hold);
+  * self_check (graph and compiled): a prompt prefilled in padded chunk graphs writes the KV an eager
+    prefill writes (relative error), overlapped steps give exactly the plain loop's streams ("ok": both);
   * profile: kernels per step and the matmul share of kernel time (torch.profiler on the uncaptured
     step functions: profiling graph replays is unreliable), graph vs compiled, batch 1 and 64;
   * codec: the chunk decoder (fish_s2.chunk_decoder) prepared for the chunk plan's code lengths up to the
@@ -20,9 +20,9 @@ the device -- no checkpoint -- and prints one JSON object (also written under --
     decoder (vs one compiled bucket too, within --budget-s, when the decoder does not compile), and
     their largest difference from the chunk decoded alone eagerly relative to its peak (rel_err); the
     chunks it decoded in buckets and eagerly over the whole run;
-  * ttfa: time to first audio (submit -> first chunk decoded by the codec) with a cached voice,
-    p50/p90 over --ttfa-requests requests at concurrency 1, and its playback gap;
-  * load: 16 and 64 requests in flight with staggered prompt and output lengths (closed loop, arrivals
+  * ttfa (graph and compiled): time to first audio (submit -> first chunk decoded by the codec) with a
+    cached voice, p50/p90 over --ttfa-requests requests at concurrency 1, and its playback gap;
+  * load (graph and compiled): 16 and 64 requests in flight with staggered prompt and output lengths (closed loop, arrivals
     spread out, not in waves), the chunk decoder's graphs on its own CUDA stream: TTFA p50/p90,
     playback gap per stream, end-to-end audio-seconds per second, the codec's share of GPU time,
     requests that ended by themselves (stop/length) apart from those cancelled at the end;
@@ -33,8 +33,10 @@ one H200 (compile time is the unknown). ``--dry-run`` runs every section on the 
 geometry, compile included (one bucket each for the step and the codec: shapes, bookkeeping, no speed).
 The JSON is rewritten after every section (section_s: each one's time), so one bounded run keeps what it
 measured: a section that raises is recorded under "errors" and the run goes on (when the compiled step
-fails, the later sections run on the graphs of the eager step: serving_engine says which), and SIGTERM
-(``timeout``) records the section it cut short under "interrupted" and exits 124.
+fails, "compiled" says so and the compiled sections are left out), and SIGTERM (``timeout``) records the
+section it cut short under "interrupted" and exits 124. Order: everything on the graph engine first (its
+captures take seconds: decode, KV, profile, prefill, codec, self check, TTFA, load), then the compiled
+engine (each bucket compiles: decode, profile, prefill, self check, TTFA, load, KV) while --budget-s lasts.
 
     python perf/gpu_bench.py [--out perf/results] [--dry-run]
     FISH_S2_GIT_COMMIT=<hash> python perf/gpu_bench.py      # in a copy of the tree without .git
@@ -631,7 +633,27 @@ def main(argv: list[str] | None = None) -> dict:
             report.section(f"{name} (drain)", lambda: drain(engine))
         return value
 
-    # graph: the eager step body in CUDA graphs (the engine before compilation; eager on the CPU)
+    plan = EngineConfig(**eng).chunk_plan
+    decoder = ChunkDecoder(codec, batch_sizes=codec_batches, lengths=(), compile=args.codec_compile)
+    for name in ("self_check", "ttfa", "load", "build_s"):
+        result[name] = {}
+
+    def serve(engine: Engine, mode: str) -> None:
+        """What a server does with an engine: the GPU-only paths' self check, time to first audio, load."""
+        result["self_check"][mode] = run(f"self_check ({mode})", lambda: self_check(engine, eng, check_len),
+                                         engine=engine)
+        if mode != base and time.perf_counter() > deadline:   # the graph engine's always run: they compile nothing
+            result["ttfa"][mode] = result["load"][mode] = "skipped: past --budget-s"
+            return
+        result["ttfa"][mode] = run(f"ttfa ({mode})", lambda: time_to_first_audio(
+            engine, decoder, args.voice_len, args.text_len, args.ttfa_requests, frame_s), engine=engine)
+        result["load"][mode] = [
+            run(f"load {c} ({mode})", lambda: load(engine, decoder, c, args.load_seconds, warm_s, p, f, frame_s),
+                {"concurrency": c}, engine) if mode == base or time.perf_counter() < deadline
+            else {"concurrency": c, "skipped": "past --budget-s"} for c, p, f in loads]
+
+    # graph: the eager step body in CUDA graphs (the engine before compilation; eager on the CPU). Its
+    # captures take seconds, so everything is measured on it first, the codec and serving included.
     base = "graph" if device.type == "cuda" else "eager"
     engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="off"))
     decode = result["decode"] = run("decode", lambda: decode_rows(engine, base, batches, [None] * len(batches),
@@ -643,14 +665,20 @@ def main(argv: list[str] | None = None) -> dict:
     prof = result["profile"] = {base: run("profile", lambda: profile(engine, batches, args.prompt_len), engine=engine)}
     prefill = result["prefill"] = {base: run("prefill", lambda: prefill_times(engine, prefill_lens, args.steps),
                                              engine=engine)}
+    lengths = plan.code_lengths()[:1] if args.dry_run else plan.code_lengths()
+    result["codec"] = run("codec", lambda: codec_section(decoder, lengths, plan, eng["max_active"], args.steps,
+                                                         deadline), {})
+    serve(engine, base)
+    result["build_s"][base] = {str(k): v for k, v in engine.runner.build_s.items()}
     del engine
     release_memory(device)
 
-    # compiled: the same step through torch.compile, captured in the same graphs (fuses w1/w3 in the model);
-    # what is needed first, then the KV-length buckets while the budget lasts
+    # compiled: the same step through torch.compile, captured in the same graphs (fuses w1/w3 in the model).
+    # Each bucket compiles (the unknown cost): the steps first, then prefill, serving and the KV-length
+    # buckets while --budget-s lasts.
     engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="on"))
 
-    def merge(rows: list[dict], kvs: list[int | None], deadline: float = float("inf")) -> None:
+    def merge(rows: list[dict], kvs: list[int | None]) -> None:
         for row, new in zip(rows, decode_rows(engine, "compiled", [r["batch"] for r in rows], kvs, args.prompt_len,
                                               args.steps, copy_bw, deadline)):
             row["compiled"] = new["compiled"]
@@ -659,30 +687,17 @@ def main(argv: list[str] | None = None) -> dict:
                 row["speedup"] = row[base]["step_ms"] / new["compiled"]["step_ms"]
 
     run("decode (compiled)", lambda: merge(decode, [None] * len(batches)), engine=engine)
-    if "decode (compiled)" in result.get("errors", {}):   # the rest is measured on the graphs of the eager step
-        del engine
-        release_memory(device)
-        engine = Engine(model, EngineConfig(**eng, max_queued=256, compile="off"))
-        result["serving_engine"] = f"{base} (compiled failed: see errors)"
+    if "decode (compiled)" in result.get("errors", {}):
+        result["compiled"] = "failed: see errors (every other section ran on the graphs)"
     else:
-        result["serving_engine"] = "compiled"
+        result["compiled"] = "ran"
         prof["compiled"] = run("profile (compiled)", lambda: profile(engine, batches, args.prompt_len), engine=engine)
         prefill["compiled"] = run("prefill (compiled)", lambda: prefill_times(engine, prefill_lens, args.steps,
                                                                               deadline), engine=engine)
-    result["self_check"] = run("self_check", lambda: self_check(engine, eng, check_len), engine=engine)
-    plan = engine.cfg.chunk_plan
-    decoder = ChunkDecoder(codec, batch_sizes=codec_batches, lengths=(), compile=args.codec_compile)
-    lengths = plan.code_lengths()[:1] if args.dry_run else plan.code_lengths()
-    result["codec"] = run("codec", lambda: codec_section(decoder, lengths, plan, eng["max_active"], args.steps,
-                                                         deadline), {})
-    result["ttfa"] = run("ttfa", lambda: time_to_first_audio(engine, decoder, args.voice_len, args.text_len,
-                                                             args.ttfa_requests, frame_s), engine=engine)
-    result["load"] = [run(f"load {c}", lambda: load(engine, decoder, c, args.load_seconds, warm_s, p, f, frame_s),
-                          {"concurrency": c}, engine) for c, p, f in loads]
+        serve(engine, "compiled")
+        run("kv (compiled)", lambda: merge(kv, kv_lens), engine=engine)
+        result["build_s"]["compiled"] = {str(k): v for k, v in engine.runner.build_s.items()}
     result["codec"]["chunks"] = dict(decoder.chunks)
-    if result["serving_engine"] == "compiled":
-        run("kv (compiled)", lambda: merge(kv, kv_lens, deadline), engine=engine)
-    result["build_s"] = {str(k): v for k, v in engine.runner.build_s.items()}
     result["memory"] = {"kv_cache_bytes": kv_bytes(engine), "peak_allocated_bytes":
                         torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}

@@ -50,9 +50,10 @@ def test_gpu_bench_dry_run(tmp_path):
     assert json.loads((tmp_path / "gpu_bench_cpu_dry_run.json").read_text())["device"] == "cpu (dry run)"
     assert "errors" not in result and "interrupted" not in result
     assert list(result["section_s"]) == [   # the graph (eager) engine first, the compiled one after it
-        "decode", "kv", "profile", "prefill", "codec", "self_check (eager)", "ttfa (eager)", "load 2 (eager)",
-        "decode (compiled)", "profile (compiled)", "prefill (compiled)", "self_check (compiled)", "ttfa (compiled)",
-        "load 2 (compiled)", "kv (compiled)"]
+        "decode", "kv", "profile", "prefill", "codec", "self_check (eager)", "warm-up (eager)", "ttfa (eager)",
+        "load 2 (eager)", "decode (compiled)", "profile (compiled)", "prefill (compiled)", "self_check (compiled)",
+        "warm-up (compiled)", "ttfa (compiled)", "load 2 (compiled)", "kv (compiled)"]
+    assert result["serving_warmup"]["compiled"]["new_buckets"] == 0   # no graphs on the CPU: buckets build on use
 
 
 # The one GPU run this project may get is bounded by `timeout`: what it measured must survive a broken

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from fish_s2.request import (Busy, ChunkEvent, EngineRequest, Finished, Internal
                              Unavailable, from_wire, new_request_id)
 from fish_s2.serving import metrics
 from fish_s2.serving import protocol as p
+from fish_s2.serving.bls import SpentStreams
 from fish_s2.serving.dispatch import Dispatcher
 from fish_s2.memory_plan import check_fits
 from fish_s2.serving.repository import TEMPLATES, generate
@@ -622,3 +624,78 @@ def test_tts_refuses_a_missing_text_at_once_and_forwards_pipeline_errors(monkeyp
         assert [c[0] for c in bls.calls] == [p.TTS_PIPELINE] and not failing.sender.responses
     finally:
         model.finalize()
+
+
+# Triton 2.51's stub frees a BLS response's numpy arrays without the GIL when its own thread drops the
+# last reference to an exhausted response iterator (fish_s2/serving/bls.py): the models must hold it
+# until a cancellation check has made a round trip through that thread.
+
+def test_spent_bls_streams_are_dropped_only_after_an_answered_cancellation_check():
+    class Responses:   # what exec(decoupled=True) returns: an iterator the stub also holds
+        def __iter__(self):
+            return iter(range(3))
+
+    class BLSRequest:
+        def __init__(self):
+            self.responses = Responses()
+
+        def exec(self, decoupled=False):
+            assert decoupled
+            return self.responses
+
+    spent = SpentStreams()
+    request = BLSRequest()
+    alive = weakref.ref(request.responses)
+    assert list(spent.exec(request)) == [0, 1, 2]
+    del request
+    assert alive() is not None and len(spent) == 1
+
+    def broken():
+        raise RuntimeError("connection gone")
+
+    assert not spent.release_after(lambda: True)          # cancelled (maybe answered from the cache)
+    assert not spent.release_after(broken)                # no answer
+    assert alive() is not None and len(spent) == 1
+    assert spent.release_after(lambda: False)             # a round trip came back
+    assert alive() is None and len(spent) == 0
+    asked = []
+    assert spent.release_after(lambda: asked.append(1)) and not asked   # nothing held: nothing asked
+    early = BLSRequest()
+    stream = spent.exec(early)
+    assert next(stream) == 0
+    stream.close()                                        # a consumer that stops early keeps nothing
+    assert len(spent) == 0
+
+
+def test_tts_drops_spent_pipeline_streams_only_after_a_live_stream_was_checked(monkeypatch, repo):
+    class RecordingBLS(FakeBLS):
+        def __init__(self):
+            super().__init__(chunks=100)
+            self.streams = []
+
+        def stream(self, request_id):
+            generator = super().stream(request_id)
+            self.streams.append(weakref.ref(generator))
+            return generator
+
+    bls = RecordingBLS()
+    model = _tts(monkeypatch, repo, bls)
+    try:
+        gone = Request(p.tts_inputs("Hello."))
+        gone.sender.cancelled = True                                     # every check of it: True
+        model.execute([gone])
+        assert gone.sender.done.wait(5) and bls.stops                     # stopped by the watcher
+        time.sleep(10 * model.relay.check_period_s)
+        (first,) = bls.streams
+        assert first() is not None and len(model.relay.spent) == 2       # pipeline and STOP: kept
+        live = Request(p.tts_inputs("Hello."))
+        model.execute([live])                                            # its checks are answered False
+        deadline = time.monotonic() + 5
+        while first() is not None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert first() is None and not live.sender.done.is_set()
+        live.sender.cancelled = True
+        assert live.sender.done.wait(5)
+    finally:
+        model.finalize()
+    assert len(model.relay.spent) == 0

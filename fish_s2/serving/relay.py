@@ -9,6 +9,9 @@ open stream's response sender, once per check period, whether its client is gone
 it sends dual_ar a STOP for the stream's engine request id (issued here, unguessable, and carried
 down the pipeline as STREAM_ID, dual_ar's REQUEST_ID), and the stream's thread keeps draining the pipeline's responses to
 their end without forwarding them (an undrained BLS iterator keeps the model from unloading).
+Every BLS stream's exhausted iterator is kept (:class:`~fish_s2.serving.bls.SpentStreams`) until the
+watcher's next answered cancellation check: under Triton 2.51 the stub's own thread must never be the
+one that drops it (it frees numpy arrays without the GIL: a corrupted heap, a dead ``tts`` stub).
 
 ``pb_utils`` is passed in, so this module imports and tests without Triton.
 """
@@ -27,6 +30,7 @@ from ..request import Cancelled, NotFound, from_wire
 from ..request.errors import client_gone
 from . import protocol
 from .adapter import triton_error
+from .bls import SpentStreams
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class Relay:
         self.check_period_s = check_period_s
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        self.spent = SpentStreams()    # exhausted BLS iterators, dropped by the watcher (see bls.py)
         self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="fish-s2-relay-watch", daemon=True)
         self._watcher.start()
@@ -76,13 +81,13 @@ class Relay:
     def _run(self, stream: _Stream, inputs: dict[str, np.ndarray]) -> None:
         pb, final_error = self.pb, None
         try:
-            if stream.session is not None:
-                stream.sender.send(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor(k, v) for k, v in protocol.announce_tensors(stream.request_id).items()]))
+            if stream.session is not None:   # (tensors held while sent: see dual_ar's _respond)
+                announce = [pb.Tensor(k, v) for k, v in protocol.announce_tensors(stream.request_id).items()]
+                stream.sender.send(pb.InferenceResponse(output_tensors=announce))
             request = pb.InferenceRequest(
                 model_name=protocol.TTS_PIPELINE, inputs=[pb.Tensor(k, v) for k, v in inputs.items()],
                 requested_output_names=[s.name for s in protocol.TTS_OUTPUTS])
-            for response in request.exec(decoupled=True):   # always drained to its end
+            for response in self.spent.exec(request):   # always drained to its end
                 if stream.stop_sent or final_error is not None:
                     continue
                 if response.has_error():   # re-typed from its tag: a BLS error does not keep its code
@@ -116,6 +121,8 @@ class Relay:
 
     def _watch(self) -> None:
         while not self._closed.wait(self.check_period_s):
+            spent = self.spent.take()   # exhausted before these checks: dropped once one of them is answered
+            answered = False
             with self._lock:
                 streams = [s for s in self._streams.values() if not s.stop_sent]
             for stream in streams:
@@ -123,8 +130,12 @@ class Relay:
                     if stream.done:
                         continue
                     gone = client_gone(stream.sender.is_cancelled)
+                answered = answered or not gone   # False is never cached: a round trip through the stub's thread
                 if gone:
                     self.stop(stream)
+            if not answered:
+                self.spent.keep(spent)
+            del spent
 
     def stop(self, stream: _Stream) -> None:
         """Tell dual_ar to end the stream's engine request (its pipeline then ends plainly; :meth:`_run` tells
@@ -134,7 +145,7 @@ class Relay:
         try:
             inputs = [pb.Tensor(k, v) for k, v in protocol.stop_tensors(stream.request_id).items()]
             request = pb.InferenceRequest(model_name=protocol.DUAL_AR, inputs=inputs, requested_output_names=["CHUNK_META"])
-            for _ in request.exec(decoupled=True):
+            for _ in self.spent.exec(request):
                 pass
         except Exception:
             log.exception("stopping request %s failed", stream.request_id)
@@ -169,7 +180,7 @@ class Relay:
             request = pb.InferenceRequest(model_name=protocol.DUAL_AR, inputs=inputs,
                                           requested_output_names=["CHUNK_META"])
             error = None
-            for response in request.exec(decoupled=True):   # drained to its end
+            for response in self.spent.exec(request):   # drained to its end
                 if response.has_error() and error is None:
                     error = from_wire(response.error().message())
             if error is None:
@@ -187,3 +198,4 @@ class Relay:
     def close(self) -> None:
         self._closed.set()
         self._watcher.join(5)
+        self.spent.release_all()

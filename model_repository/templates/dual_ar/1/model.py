@@ -100,8 +100,11 @@ class TritonPythonModel:
             meta = protocol.ChunkMeta(chunk.index, chunk.context, format_code, start_ns, event.turn)
             outputs = {"CODES": chunk.codes, "CHUNK_META": meta.pack(),
                        "REQUEST_ID": np.array([stream.request_id.encode()], dtype=np.object_)}
+            # the tensors stay referenced here until send returns: it drops those not requested (voices
+            # asks for CHUNK_META only) without the GIL, which must not be their last reference (Triton 2.51)
+            tensors = output_tensors(pb_utils, outputs)
             try:
-                sender.send(pb_utils.InferenceResponse(output_tensors(pb_utils, outputs)))
+                sender.send(pb_utils.InferenceResponse(tensors))
             except Exception:  # the client is gone: stop generating for it
                 self.engine.cancel(stream.request_id)
                 raise

@@ -21,6 +21,7 @@ from fish_s2.prompt import PromptBuilder
 from fish_s2.request import SamplingParams, new_request_id
 from fish_s2.serving import protocol
 from fish_s2.serving.adapter import check_io, error_response, getter, load_model_settings
+from fish_s2.serving.bls import SpentStreams
 from fish_s2.serving.runtime import ReferenceEncoder, configure_threads, load_text_side
 from fish_s2.serving.voices import VoiceRegistry
 
@@ -34,6 +35,7 @@ class TritonPythonModel:
         self.builder = PromptBuilder(tokenizer, dual_cfg.num_codebooks, self.cfg.allow_control_tokens)
         self.registry = VoiceRegistry(self.cfg.voices_dir, dual_cfg.num_codebooks)
         self.encoder = ReferenceEncoder(self.cfg)
+        self.spent = SpentStreams()   # the warm-up call's responses, dropped only after a round trip (bls.py)
 
     def execute(self, requests):
         responses = []
@@ -45,6 +47,7 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("VOICES", out)]))
             except Exception as e:
                 responses.append(error_response(pb_utils, e))
+            self.spent.release_after(request.is_cancelled)   # this request is still open: a safe check
         return responses
 
     def _handle(self, req: protocol.VoiceRequest) -> list[dict]:
@@ -68,6 +71,9 @@ class TritonPythonModel:
         bls = pb_utils.InferenceRequest(model_name=protocol.DUAL_AR,
                                         inputs=[pb_utils.Tensor(k, v) for k, v in tensors.items()],
                                         requested_output_names=["CHUNK_META"])
-        for response in bls.exec(decoupled=True):
+        for response in self.spent.exec(bls):
             if response.has_error():
                 pb_utils.Logger.log_warn(f"voices: warming {voice.voice_id!r} failed: {response.error().message()}")
+
+    def finalize(self):
+        self.spent.release_all()

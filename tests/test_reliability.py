@@ -4,14 +4,18 @@ a closed channel and tritonclient's stream cancellation, after which the engine 
 no stream ran on for more than one chunk, fresh requests succeed and the server stops cleanly; and a
 foreign STOP cannot cut anyone's stream."""
 
+import contextlib
 import json
+import os
 import queue
 import random
 import re
+import resource
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -43,9 +47,35 @@ def server(tiny_checkpoint, tmp_path_factory):
     generate("cpu", tiny_checkpoint, root / "art", root / "repo")
     # a generous exit timeout: unloading six python models can take long on a loaded 2-core machine;
     # what must hold is that nothing is in flight and every model unloads (no "Exit timeout expired")
-    s = TritonServer(root / "repo", root / "run", *free_ports(3), exit_timeout_s=45).start()
+    with _core_files_in(root / "cwd"):   # its processes may dump core into root/cwd (see the last test)
+        s = TritonServer(root / "repo", root / "run", *free_ports(3), exit_timeout_s=45).start()
+    s.cwd = root / "cwd"
     yield s
     s.stop()
+
+
+@contextlib.contextmanager
+def _core_files_in(cwd: Path):
+    """Processes started inside run in ``cwd`` and, where the system writes core files into the working
+    directory (core_pattern a plain file name), may write them (soft limit raised to the hard one)."""
+    cwd.mkdir(parents=True)
+    limit, before = resource.getrlimit(resource.RLIMIT_CORE), os.getcwd()
+    os.chdir(cwd)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (limit[1], limit[1]))
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, limit)
+        os.chdir(before)
+
+
+def _core_files_observable() -> bool:
+    try:
+        pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    except OSError:
+        return False
+    return bool(resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 and pattern and "/" not in pattern
+                and not pattern.startswith("|"))
 
 
 def _metric(server, name: str) -> float:
@@ -404,3 +434,7 @@ def test_the_server_stops_cleanly_after_all_of_it(server):
     assert "Exit timeout expired" not in tail and not re.search(r"Found [1-9]\d* model versions that have in-flight", tail)
     time.sleep(1)
     assert not (stubs & set(process_tree(1))), "backend processes left behind"
+    # no process crashed on its way out: a metric family left to the python stub's own teardown was
+    # destroyed after the stub's shared memory (a SIGSEGV and a core file at every stop; metrics.py)
+    if _core_files_observable():
+        assert not list(server.cwd.glob("core*")), "a server process dumped core at the stop"

@@ -4,6 +4,11 @@ Definitions live here; the models create them through ``pb_utils.MetricFamily`` 
 module imports nothing from Triton). The engine's counters are cumulative (``Engine.stats()``);
 :class:`EngineMetrics` turns them into Prometheus gauges and counter increments. Values known once at
 startup (the memory plan, the warm-up time) are gauges set by :func:`set_gauges`.
+
+A model drops every metric object it holds in its ``finalize``: left to the stub's own teardown, a
+``MetricFamily`` is destroyed after the stub has let go of its shared memory (python_backend r24.10,
+``~MetricFamily`` -> ``Metric::Clear`` -> ``SaveToSharedMemory``): a SIGSEGV and a core file at every
+server stop.
 """
 
 from __future__ import annotations

@@ -45,3 +45,6 @@ class TritonPythonModel:
                 for i in idx:
                     responses[i] = error_response(pb_utils, e)
         return responses
+
+    def finalize(self):
+        self._warmup_metric = None   # now, not at the stub's teardown (metrics.py)

@@ -139,3 +139,4 @@ class TritonPythonModel:
         self.engine.stop()        # every live request gets its Finished event (-> FINAL response)
         self.dispatch.close()
         self._warm_thread.join(5)
+        self.metrics = self._rtf = self._startup_metrics = None   # now, not at the stub's teardown (metrics.py)

@@ -70,3 +70,6 @@ class TritonPythonModel:
             self.players[request_id] = [entry[0], meta.index + 1, now]   # kept in order of last use
         while self.players and next(iter(self.players.values()))[2] < now - STALE_S:
             self.players.popitem(last=False)
+
+    def finalize(self):
+        self._ttfa_family = self.ttfa = self._gap_family = self.gap = None   # not at the stub's teardown (metrics.py)

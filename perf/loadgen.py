@@ -192,11 +192,11 @@ def request(mode: str, i: int, texts: list[str], args) -> tuple[str, dict]:
     """Request i: its text (a corpus line; a session: 2-4 lines; a dialogue: 3-8 lines as turns of its
     speakers in turn) and its fields."""
     fields = request_fields(mode, i, args)
+    if mode not in ("session", "dialogue"):
+        return texts[i % len(texts)], fields
     lines, rng = [t for t in texts if not speakers(t)], random.Random(-i)
     if mode == "session":
         return " ".join(lines[rng.randrange(len(lines))] for _ in range(rng.randint(2, 4))), fields
-    if mode != "dialogue":
-        return texts[i % len(texts)], fields
     n = len(fields["voice_id"])
     return " ".join(f"<|speaker:{t % n}|>{lines[rng.randrange(len(lines))]}" for t in range(rng.randint(3, 8))), fields
 
